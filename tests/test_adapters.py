@@ -55,6 +55,18 @@ def test_residual_stream_matches_hidden_states(tiny_adapter):
 
 
 @torch.no_grad()
+def test_last_token_logits_equal_the_full_forward_at_each_rows_end(tiny_adapter):
+    adapter = tiny_adapter
+    lists = token_lists(adapter)
+    lists = lists + [lists[0][:-3], lists[1]]  # several distinct lengths, one repeated
+    batch = adapter.batch(lists)
+    logits = adapter.forward(batch.input_ids, batch.attention_mask)[0]
+    rows = torch.arange(len(lists))
+    expected = logits[rows, batch.lengths - 1]
+    torch.testing.assert_close(adapter.last_token_logits(batch), expected, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
 def test_steering_hook_adds_exactly_and_is_removed(tiny_adapter):
     adapter = tiny_adapter
     batch = adapter.batch(token_lists(adapter))

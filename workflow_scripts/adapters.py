@@ -182,8 +182,19 @@ class ModelAdapter:
         out = self._call(input_ids, attention_mask, state, use_cache or state is not None)
         return out.logits, self._state_of(out)
 
-    def _call(self, input_ids, attention_mask, state, use_cache):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=state, use_cache=use_cache)
+    def last_token_logits(self, batch: TokenBatch) -> torch.Tensor:
+        """(B, V) next-token logits at each row's last real token, computing the unembedding only at
+        the few distinct last positions (the vocabulary projection of every position would be a
+        large share of a short prompt's cost, forward and backward)."""
+        last = batch.last_positions(1)[:, 0].to(self.device)
+        kept, column = torch.unique(last, return_inverse=True)
+        out = self._call(batch.input_ids, batch.attention_mask, None, False, logits_to_keep=kept)
+        return out.logits[torch.arange(len(last), device=self.device), column.to(self.device)]
+
+    def _call(self, input_ids, attention_mask, state, use_cache, **extra):
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=state, use_cache=use_cache, **extra
+        )
 
     def _state_of(self, out):
         return getattr(out, "past_key_values", None)
@@ -301,10 +312,12 @@ class MambaAdapter(ModelAdapter):
     def context_length(self):
         return None
 
-    def _call(self, input_ids, attention_mask, state, use_cache):
+    def _call(self, input_ids, attention_mask, state, use_cache, **extra):
         if state is not None and input_ids.shape[1] > 1:
             return self._call_stepwise(input_ids, state)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, cache_params=state, use_cache=use_cache)
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, cache_params=state, use_cache=use_cache, **extra
+        )
 
     def _call_stepwise(self, input_ids, state):
         # The port's multi-token path starts its scan from a zero SSM state and ignores the cached
@@ -388,11 +401,11 @@ class RwkvAdapter(ModelAdapter):
         every = self.model.config.rescale_every
         return float(2 ** (layer // every)) if not self.model.training and every > 0 else 1.0
 
-    def _call(self, input_ids, attention_mask, state, use_cache):
+    def _call(self, input_ids, attention_mask, state, use_cache, **extra):
         # The port ignores attention_mask (right padding keeps real positions exact anyway).
         if state is not None and input_ids.shape[0] > 1 and input_ids.shape[1] == 1:
             return self._call_rowwise(input_ids, state)
-        return self.model(input_ids=input_ids, state=state, use_cache=use_cache)
+        return self.model(input_ids=input_ids, state=state, use_cache=use_cache, **extra)
 
     def _call_rowwise(self, input_ids, state):
         # The port's one-token step broadcasts (B,1,D) against (B,D) and mixes rows when B > 1,

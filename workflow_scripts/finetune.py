@@ -129,10 +129,7 @@ def _check_in_context(adapter: ModelAdapter, statements, prompts, answer: Answer
 
 def answer_logits(adapter: ModelAdapter, batch: TokenBatch) -> torch.Tensor:
     """(B, V) float32 next-token logits at each row's last real token (right-padded batch)."""
-    logits, _ = adapter.forward(batch.input_ids, batch.attention_mask)
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    last = batch.last_positions(1)[:, 0].to(logits.device)
-    return logits[rows, last].float()
+    return adapter.last_token_logits(batch).float()
 
 
 def answer_loss(adapter: ModelAdapter, batch: TokenBatch, target_ids: torch.Tensor) -> torch.Tensor:
