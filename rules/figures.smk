@@ -84,6 +84,7 @@ rule plot_quirky:
         auroc="data/quirky/probes/{base}/{dataset}/auroc.csv",
         anomaly="data/quirky/probes/{base}/{dataset}/anomaly.csv",
         manifest="data/models/{base}+{dataset}/manifest.json",
+        accuracy="data/quirky/answers/{base}/{dataset}/accuracy.csv",
     output:
         probes=report(
             "reports/figures/quirky/{base}/{dataset}/probes.png",

@@ -42,6 +42,26 @@ rule finetune_quirky:
         "../workflow_scripts/rule_finetune_quirky.py"
 
 
+rule answer_quirky:
+    input:
+        manifest="data/models/{base}+{dataset}/manifest.json",
+        table="data/quirky/{dataset}/table.parquet",
+    output:
+        answers="data/quirky/answers/{base}/{dataset}/answers.parquet",
+        accuracy="data/quirky/answers/{base}/{dataset}/accuracy.csv",
+    params:
+        spec=model_spec,
+    log:
+        "logs/answer_quirky/{base}/{dataset}.log",
+    benchmark:
+        "logs/answer_quirky/{base}/{dataset}.benchmark.tsv"
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    script:
+        "../workflow_scripts/rule_answer_quirky.py"
+
+
 rule fit_probes:
     input:
         table="data/quirky/{dataset}/table.parquet",

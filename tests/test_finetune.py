@@ -14,6 +14,7 @@ from workflow_scripts import finetune
 from workflow_scripts.adapters import load_adapter
 from workflow_scripts.finetune import (
     accuracy_by_character,
+    accuracy_table,
     answer_loss,
     answer_probabilities,
     answer_tokens,
@@ -139,6 +140,26 @@ def test_balanced_sample_and_accuracy_by_character():
     p_true = np.where(frame["label"] == 1, 0.9, 0.2)
     p_true[-1] = 0.7  # one Bob row wrong
     assert accuracy_by_character(frame, p_true) == {"Alice": 1.0, "Bob": 0.75}
+
+
+def test_accuracy_table_by_character_and_difficulty():
+    frame = pd.DataFrame(
+        {
+            "character": ["Alice"] * 4 + ["Bob"] * 4,
+            "difficulty_bucket": ["easy", "easy", "hard", "hard"] * 2,
+            "label": [1, 0, 1, 0, 0, 1, 1, 0],
+            "truth_label": [1, 0, 1, 0, 1, 0, 1, 0],
+        }
+    )
+    p_true = np.array([0.9, 0.1, 0.2, 0.3, 0.1, 0.8, 0.7, 0.4])  # Alice: one hard row wrong
+    table = accuracy_table(frame, p_true).set_index(["character", "difficulty"])
+    assert table.loc[("Alice", "all"), ["n", "accuracy"]].tolist() == [4, 0.75]
+    assert table.loc[("Alice", "easy"), "accuracy"] == 1.0 and table.loc[("Alice", "hard"), "accuracy"] == 0.5
+    assert table.loc[("Bob", "all"), "accuracy"] == 1.0 and table.loc[("Bob", "all"), "truth_accuracy"] == 0.5
+    # Wilson 95% interval of 3 right out of 4.
+    lo, hi = table.loc[("Alice", "all"), ["accuracy_lo", "accuracy_hi"]]
+    assert lo == pytest.approx(0.3006, abs=1e-4) and hi == pytest.approx(0.9544, abs=1e-4)
+    assert list(table.index.get_level_values("difficulty")[:3]) == ["all", "easy", "hard"]
 
 
 @pytest.mark.parametrize(

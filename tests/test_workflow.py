@@ -91,6 +91,18 @@ def test_quirky_outputs(finished_run):
         assert set(auroc.transfer) == {"A->A", "A->B", "B->A"}
         assert set(auroc.method) == {"logreg", "diffmean", "crc", "random"}
         assert auroc.auroc.between(0, 1).all() and (auroc.auroc_lo <= auroc.auroc_hi).all()
+        anomaly = pd.read_csv(finished_run / "data/quirky/probes" / base / "addition" / "anomaly.csv")
+        assert list(anomaly.method) == ["diffmean"] and anomaly.auroc.between(0, 1).all()
+        # The model's own answers on every test statement, and accuracy tables that agree with them.
+        table = pd.read_parquet(finished_run / "data/quirky/addition/table.parquet")
+        answers = pd.read_parquet(finished_run / "data/quirky/answers" / base / "addition" / "answers.parquet")
+        assert sorted(answers.id) == sorted(table.id[table.split == "test"])
+        accuracy = pd.read_csv(finished_run / "data/quirky/answers" / base / "addition" / "accuracy.csv")
+        for row in accuracy[accuracy.difficulty == "all"].itertuples():
+            mine = answers[answers.character == row.character]
+            assert row.n == len(mine)
+            assert row.accuracy == pytest.approx(((mine.p_true > 0.5) == (mine.label == 1)).mean())
+        assert (accuracy.accuracy_lo <= accuracy.accuracy).all() and (accuracy.accuracy <= accuracy.accuracy_hi).all()
         for figure in ("probes", "anomaly", "accuracy"):
             assert (finished_run / "reports/figures/quirky" / base / "addition" / f"{figure}.png").exists()
 

@@ -136,14 +136,20 @@ def plot_trajectory(trajectory: pd.DataFrame, path) -> None:
 
 
 # ----- quirky models -------------------------------------------------------------------------------
-def plot_quirky(auroc: pd.DataFrame, anomaly: pd.DataFrame, finetune: dict, paths: dict) -> None:
-    """paths: probes, anomaly, accuracy -> PNG paths, for one model and dataset."""
+def plot_quirky(auroc: pd.DataFrame, anomaly: pd.DataFrame, finetune: dict, accuracy: pd.DataFrame, paths: dict) -> None:
+    """paths: probes, anomaly, accuracy -> PNG paths, for one model and dataset. accuracy: the
+    fine-tuned model's own test accuracy (finetune.accuracy_table)."""
     title = f"{auroc.model.iloc[0]} / {auroc.dataset.iloc[0]}"
-    grid = sns.relplot(auroc, x="layer", y="auroc", hue="method", col="transfer", col_wrap=3, kind="line",
-                       height=2.6, aspect=1.3)
-    for axis in grid.axes.flat:
+    methods = list(dict.fromkeys(auroc.method))
+    colors = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    grid = sns.relplot(auroc, x="layer", y="auroc", hue="method", palette=colors, col="transfer", col_wrap=3,
+                       kind="line", height=2.6, aspect=1.3)
+    for transfer, axis in grid.axes_dict.items():
+        for method, rows in auroc[auroc.transfer == transfer].groupby("method"):
+            rows = rows.sort_values("layer")  # the bootstrap interval as a band
+            axis.fill_between(rows.layer, rows.auroc_lo, rows.auroc_hi, color=colors[method], alpha=0.12, linewidth=0)
         axis.axhline(0.5, color="grey", linewidth=0.8)
-    grid.figure.suptitle(f"{title}: AUROC for the truth by layer", y=1.02)
+    grid.figure.suptitle(f"{title}: AUROC for the truth by layer (95% bootstrap band)", y=1.02)
     save(grid.figure, paths["probes"])
 
     figure, axis = plt.subplots(figsize=(4, 3))
@@ -154,13 +160,27 @@ def plot_quirky(auroc: pd.DataFrame, anomaly: pd.DataFrame, finetune: dict, path
     axis.set(title=f"{title}: anomaly detection", ylabel="AUROC (Alice-hard vs Bob-hard)", ylim=(0, 1))
     save(figure, paths["anomaly"])
 
-    history = finetune["history"]
-    steps = {"before fine-tuning": history[0], f"best (step {finetune['best_step']})": finetune["best"]}
-    accuracy = pd.DataFrame(
-        [{"checkpoint": name, "character": character, "accuracy": entry[f"{character.lower()}_acc"]}
-         for name, entry in steps.items() for character in ("Alice", "Bob")]
+    # Left: validation accuracy while training (the kept checkpoint marked); right: held-out test
+    # accuracy of the kept checkpoint by difficulty, with Wilson intervals.
+    history = pd.DataFrame(
+        [{"step": entry["step"], "character": character, "accuracy": entry[f"{character.lower()}_acc"]}
+         for entry in finetune["history"] for character in ("Alice", "Bob")]
     )
-    figure, axis = plt.subplots(figsize=(4, 3))
-    sns.barplot(accuracy, x="character", y="accuracy", hue="checkpoint", ax=axis)
-    axis.set(title=f"{title}: validation accuracy\n(against each character's own label)", ylim=(0, 1))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    sns.lineplot(history, x="step", y="accuracy", hue="character", marker="o", ax=left)
+    left.axvline(finetune["best_step"], color="black", linestyle=":", linewidth=1, label="kept checkpoint")
+    left.axhline(0.5, color="grey", linewidth=0.8)
+    left.legend(fontsize=7)
+    left.set(title="validation, while fine-tuning", ylim=(0, 1))
+    order = list(dict.fromkeys(accuracy.difficulty))
+    sns.barplot(accuracy, x="difficulty", y="accuracy", hue="character", order=order, ax=right)
+    for bars, (_, rows) in zip(right.containers, accuracy.groupby("character", sort=False)):
+        rows = rows.set_index("difficulty").loc[order]
+        centres = [bar.get_x() + bar.get_width() / 2 for bar in bars]
+        right.errorbar(centres, rows.accuracy, yerr=[rows.accuracy - rows.accuracy_lo, rows.accuracy_hi - rows.accuracy],
+                       fmt="none", color="black", capsize=2)
+    right.axhline(0.5, color="grey", linewidth=0.8)
+    right.set(title="test, kept checkpoint", ylim=(0, 1))
+    sns.move_legend(right, "upper left", bbox_to_anchor=(1, 1), fontsize=7, title_fontsize=7)
+    figure.suptitle(f"{title}: accuracy against each character's own label")
     save(figure, paths["accuracy"])

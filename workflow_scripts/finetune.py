@@ -187,6 +187,36 @@ def accuracy_by_character(df: pd.DataFrame, p_true, label_column: str = "label",
     return {c: float(np.mean(said[characters == c] == labels[characters == c])) for c in order}
 
 
+def accuracy_table(df: pd.DataFrame, p_true, threshold: float = 0.5, z: float = 1.96) -> pd.DataFrame:
+    """The model's answers (p_true > threshold) scored per character and difficulty ("all", then each
+    `difficulty_bucket` in df): `accuracy` against the character's own label (did it follow Alice's
+    truth / Bob's error?) with a Wilson score interval [accuracy_lo, accuracy_hi] at z, and
+    `truth_accuracy` against the truth."""
+    p_true = np.asarray(p_true, dtype=float)
+    if len(p_true) != len(df):
+        raise ValueError(f"p_true has {len(p_true)} values for {len(df)} rows")
+    said = p_true > threshold
+    right = said == (df["label"].to_numpy() == 1)
+    truthful = said == (df["truth_label"].to_numpy() == 1)
+    characters = [c for c in CHARACTERS if c in set(df["character"])]
+    buckets = [b for b in ("easy", "middle", "hard") if b in set(df["difficulty_bucket"])]
+    rows = []
+    for character in characters:
+        for difficulty in ["all", *buckets]:
+            keep = (df["character"] == character).to_numpy()
+            if difficulty != "all":
+                keep = keep & (df["difficulty_bucket"] == difficulty).to_numpy()
+            n, k = int(keep.sum()), int(right[keep].sum())
+            if n == 0:
+                continue
+            centre = (k + z * z / 2) / (n + z * z)
+            half = z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+            rows.append({"character": character, "difficulty": difficulty, "n": n, "accuracy": k / n,
+                         "accuracy_lo": centre - half, "accuracy_hi": centre + half,
+                         "truth_accuracy": float(truthful[keep].mean())})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 # ----- data ----------------------------------------------------------------------------------------
 
 

@@ -15,20 +15,28 @@ settings = sm.params.probes
 table = pd.read_parquet(sm.input.table)
 
 
-def stacked(path):
-    """(rows, L, D) in prompt order, for every layer of an activation file."""
+def stacked(path, expected_ids):
+    """(rows, L, D) in prompt order for every layer of an activation file, and its block indices;
+    the rows must be one per expected id, in that order (one position per prompt)."""
     layers = read_metadata(path)["layers"]
-    return np.stack([read_layer(path, layer)[1] for layer in layers], axis=1), layers
+    rows, first = read_layer(path, layers[0])
+    if rows["example_id"].tolist() != list(expected_ids):
+        raise ValueError(
+            f"{path}: its rows do not match the quirky table ({len(rows)} rows for {len(expected_ids)} expected, "
+            "one per statement at its last token); extract the quirky prompt sets with extraction.positions: last"
+        )
+    return np.stack([first] + [read_layer(path, layer)[1] for layer in layers[1:]], axis=1), layers
 
 
-statements, layers = stacked(sm.input.statements)
-pairs, _ = stacked(sm.input.pairs)
+statements, layers = stacked(sm.input.statements, table["id"])
+pairs, _ = stacked(sm.input.pairs, [f"{row_id}|{answer}" for row_id in table["id"] for answer in (0, 1)])
 pairs = pairs.reshape(len(table), 2, len(layers), -1).transpose(0, 2, 1, 3)  # (N, L, 2, D): " False", " True"
 options = {"ccs": settings["ccs"]}
 auroc = evaluate_transfers(table, statements, pairs, methods=settings["methods"], transfers=settings["transfers"],
                            n_boot=settings["n_boot"], seed=sm.params.seed, probe_options=options)
 anomaly = anomaly_detection_auroc(table, statements, pairs, methods=settings["anomaly_methods"],
                                   n_boot=settings["n_boot"], seed=sm.params.seed, probe_options=options)
+auroc["layer"] = np.asarray(layers)[auroc["layer"].to_numpy()]  # block index, not position in the file
 for frame, path in ((auroc, sm.output.auroc), (anomaly, sm.output.anomaly)):
     with atomic_path(path) as tmp:
         frame.assign(model=sm.wildcards.base, dataset=sm.wildcards.dataset).to_csv(tmp, index=False)

@@ -10,5 +10,5 @@ from workflow_scripts.jobs import start_job
 sm = snakemake  # noqa: F821 - injected by Snakemake
 start_job(sm)
 finetune = json.loads(open(sm.input.manifest).read())["finetune"]
-plot_quirky(pd.read_csv(sm.input.auroc), pd.read_csv(sm.input.anomaly), finetune,
+plot_quirky(pd.read_csv(sm.input.auroc), pd.read_csv(sm.input.anomaly), finetune, pd.read_csv(sm.input.accuracy),
             {name: sm.output[name] for name in ("probes", "anomaly", "accuracy")})
