@@ -48,6 +48,11 @@ _DELETE = object()
         (("quirky", "datasets", "addition"), {"operation": "addition", "n_problems": 64, "operand_range": [1, 9], "source": {"local": "d"}},
          ["quirky.datasets.addition.operand_range", "not used with", "source"]),
         (("quirky", "finetune", "lora_modules"), "mlp", ["quirky.finetune.lora_modules", "'mlp'", "attention", "all"]),
+        (("quirky", "datasets", "addition", "operation"), "division",
+         ["quirky.datasets.addition.operation", "'division'", "addition", "subtraction", "multiplication"]),
+        (("quirky", "datasets", "addition", "split_fractions"), [0.6, 0.3, 0.3],
+         ["quirky.datasets.addition.split_fractions", "[0.6, 0.3, 0.3]", "add up to 1"]),
+        (("quirky", "probes", "train_labels"), "bob", ["quirky.probes.train_labels", "'bob'", "truth", "character"]),
     ],
 )
 def test_bad_values_are_named(path, value, expected):

@@ -32,7 +32,9 @@ statements, layers = stacked(sm.input.statements, table["id"])
 pairs, _ = stacked(sm.input.pairs, [f"{row_id}|{answer}" for row_id in table["id"] for answer in (0, 1)])
 pairs = pairs.reshape(len(table), 2, len(layers), -1).transpose(0, 2, 1, 3)  # (N, L, 2, D): " False", " True"
 options = {"ccs": settings["ccs"]}
+train_label_column = {"truth": "truth_label", "character": "label"}[settings["train_labels"]]
 auroc = evaluate_transfers(table, statements, pairs, methods=settings["methods"], transfers=settings["transfers"],
+                           train_label_column=train_label_column,
                            n_boot=settings["n_boot"], seed=sm.params.seed, probe_options=options)
 anomaly = anomaly_detection_auroc(table, statements, pairs, methods=settings["anomaly_methods"],
                                   n_boot=settings["n_boot"], seed=sm.params.seed, probe_options=options)
