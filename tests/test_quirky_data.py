@@ -222,6 +222,21 @@ def test_published_subset_keeps_split_shares(tmp_path):
     assert loaded.equals(quirky_data.from_published(splits, "subtraction", 50, seed=2))  # seeded
 
 
+def test_published_problem_in_two_splits_is_kept_in_the_first_only(tmp_path, caplog):
+    original = generate_quirky("addition", n_problems=80, seed=3)
+    write_published(original, tmp_path / "pub")
+    splits = quirky_data.load_published({"local": str(tmp_path / "pub")})
+    leaked = splits["train"].iloc[:2].copy()  # one problem's Alice and Bob rows, published in test too
+    splits["test"] = pd.concat([splits["test"], leaked], ignore_index=True)
+    with caplog.at_level("WARNING"):
+        loaded = quirky_data.from_published(splits, "addition", 80)
+    assert "'test': 1 problem(s) also in an earlier split are left out" in caplog.text
+    by_problem = loaded.groupby(["a", "b"])["split"].nunique()
+    assert by_problem.max() == 1
+    a, b = leaked["template_args"].iloc[0]["op1"], leaked["template_args"].iloc[0]["op2"]
+    assert set(loaded[(loaded.a == a) & (loaded.b == b)]["split"]) == {"train"}
+
+
 def test_published_dataset_with_another_bob_rule_is_refused(tmp_path):
     original = generate_quirky("addition", n_problems=40, seed=0)
     # Bob errs on the second digit (the published "increment1" datasets): not this project's rule.

@@ -25,11 +25,14 @@ are taken once over all problems, so "easy" and "hard" mean the same in every sp
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 OPERATIONS = ("addition", "subtraction", "multiplication")
 CHARACTERS = ("Alice", "Bob")
@@ -220,10 +223,16 @@ def from_published(splits: dict[str, pd.DataFrame], operation: str, n_problems: 
     if not isinstance(n_problems, (int, np.integer)) or not MIN_PROBLEMS <= n_problems <= total:
         raise ValueError(f"n_problems={n_problems!r}: need an integer in [{MIN_PROBLEMS}, {total}] (problems in the dataset)")
     rng = np.random.default_rng(seed)
-    chosen = []
+    chosen, earlier = [], set()
     for split in SPLITS:
         frame = frames[split]
-        problems = frame["problem"].drop_duplicates().to_numpy()
+        # A problem published in an earlier split too is left out here, so the splits stay disjoint.
+        problems = frame["problem"].drop_duplicates()
+        shared = problems.isin(earlier)
+        if shared.any():
+            log.warning("published split %r: %d problem(s) also in an earlier split are left out", split, int(shared.sum()))
+        problems = problems[~shared].to_numpy()
+        earlier.update(problems.tolist())
         take = int(round(n_problems * sizes[split] / total))
         picked = set(rng.choice(problems, size=min(take, len(problems)), replace=False).tolist())
         chosen.append(frame[frame["problem"].isin(picked)].assign(split=split))
