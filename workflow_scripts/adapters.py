@@ -189,7 +189,7 @@ class ModelAdapter:
         last = batch.last_positions(1)[:, 0].to(self.device)
         kept, column = torch.unique(last, return_inverse=True)
         out = self._call(batch.input_ids, batch.attention_mask, None, False, logits_to_keep=kept)
-        return out.logits[torch.arange(len(last), device=self.device), column.to(self.device)]
+        return out.logits[torch.arange(len(last), device=self.device), column]
 
     def _call(self, input_ids, attention_mask, state, use_cache, **extra):
         return self.model(

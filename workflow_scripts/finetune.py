@@ -34,7 +34,7 @@ from workflow_scripts import CODE_VERSION
 from workflow_scripts.adapters import ADAPTERS, LORA_SCOPES, ModelAdapter, TokenBatch
 from workflow_scripts.atomic import atomic_dir
 from workflow_scripts.model_sources import LoadedModel
-from workflow_scripts.quirky_data import ANSWERS, CHARACTERS
+from workflow_scripts.quirky_data import ANSWERS, CHARACTERS, DIFFICULTY_BUCKETS
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def accuracy_table(df: pd.DataFrame, p_true, threshold: float = 0.5, z: float = 
     right = said == (df["label"].to_numpy() == 1)
     truthful = said == (df["truth_label"].to_numpy() == 1)
     characters = [c for c in CHARACTERS if c in set(df["character"])]
-    buckets = [b for b in ("easy", "middle", "hard") if b in set(df["difficulty_bucket"])]
+    buckets = [b for b in DIFFICULTY_BUCKETS if b in set(df["difficulty_bucket"])]
     rows = []
     for character in characters:
         for difficulty in ["all", *buckets]:

@@ -39,6 +39,7 @@ CHARACTERS = ("Alice", "Bob")
 # Answer tokens appended to the statement, indexed by label (0 = " False", 1 = " True").
 ANSWERS = (" False", " True")
 SPLITS = ("train", "validation", "test")
+DIFFICULTY_BUCKETS = ("easy", "middle", "hard")  # smaller operand <= Q1, between, >= Q3
 
 _SYMBOLS = {"addition": "+", "subtraction": "-", "multiplication": "*"}
 TEMPLATE = "{a} {symbol} {b} = {c}. {character}:"
@@ -212,8 +213,9 @@ def from_published(splits: dict[str, pd.DataFrame], operation: str, n_problems: 
 
     Problems keep their published split; each split contributes round(n_problems * its share of the
     dataset's problems), chosen with the seed. The statement is written with TEMPLATE, so prompts match
-    generated datasets. Every row's labels are checked against this project's rules (Alice: the truth of `operation`; Bob: bob_result):
-    a dataset with another error rule (e.g. an increment on a later digit) is refused, not relabelled.
+    generated datasets. Every row's labels are checked against this project's rules (Alice: the truth
+    of `operation`; Bob: bob_result): a dataset with another error rule (e.g. an increment on a later
+    digit) is refused, not relabelled.
     Difficulty buckets are the quartiles of the chosen problems' difficulty, as in generate_quirky.
     """
     _check_operation(operation)
@@ -386,7 +388,8 @@ def _difficulty_buckets(difficulty: np.ndarray) -> np.ndarray:
             f"difficulty quartiles coincide (Q1={q1:g}, Q3={q3:g}): too few distinct problem sizes for "
             "easy/hard buckets; raise n_problems or widen operand_range"
         )
-    return np.where(difficulty <= q1, "easy", np.where(difficulty >= q3, "hard", "middle"))
+    easy, middle, hard = DIFFICULTY_BUCKETS
+    return np.where(difficulty <= q1, easy, np.where(difficulty >= q3, hard, middle))
 
 
 def _assign_splits(rng, bucket: np.ndarray, fractions: np.ndarray) -> np.ndarray:
