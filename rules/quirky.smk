@@ -8,6 +8,7 @@ rule prepare_quirky:
         table="data/quirky/{dataset}/table.parquet",
         statements="data/quirky/{dataset}/statements.jsonl",
         pairs="data/quirky/{dataset}/pairs.jsonl",
+        shortcuts="data/quirky/{dataset}/shortcuts.csv",
     params:
         settings=quirky_dataset_settings,
         seed=config["seed"],

@@ -7,6 +7,7 @@ import operator
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from workflow_scripts import quirky_data
 from workflow_scripts.quirky_data import COLUMNS, OPERATIONS, generate_quirky
@@ -68,28 +69,112 @@ def test_bob_error_rule_holds_for_every_bob_row(frame):
     assert (bob["bob_result"] == bob_answer).all()
 
 
-def test_distractors_change_one_digit_and_differ_from_truth_and_bob(frame):
+def one_digit_replaced(x: int, base: int) -> bool:
+    """x is base with one digit replaced by another (a leading zero drops: 150 -> 50)."""
+    sb = str(base)
+    return any(int(sb[:i] + d + sb[i + 1 :]) == x for i in range(len(sb)) for d in "0123456789" if d != sb[i])
+
+
+def test_one_claim_per_problem_shown_to_both_characters(frame):
+    """As the reference: the Alice and Bob rows of a problem show the same statement but for the name."""
+    per_problem = frame.groupby("problem_id")
+    assert (per_problem["claimed"].nunique() == 1).all()
+    stripped = frame["statement"].str.replace(r"(Alice|Bob):$", "", regex=True)
+    assert (stripped.groupby(frame["problem_id"]).nunique() == 1).all()
+
+
+def test_claims_fill_the_cross_tabulation(frame):
+    """Per (split, bucket): a quarter (Alice True, Bob False), a quarter (Alice False, Bob True), half
+    false for both, the distractors half around the truth and half around Bob's result."""
+    alice = frame[frame["character"] == "Alice"].set_index("problem_id")
+    bob = frame[frame["character"] == "Bob"].set_index("problem_id").loc[alice.index]
+    cells = pd.crosstab([alice["split"], alice["difficulty_bucket"]], [alice["label"], bob["label"]])
+    assert (0, 0) in cells and (1, 0) in cells and (0, 1) in cells and (1, 1) not in cells
+    n = cells.sum(axis=1)
+    assert ((cells[(1, 0)] - n / 4).abs() <= 1.5).all()
+    assert ((cells[(0, 1)] - n / 4).abs() <= 1.5).all()
+    assert ((cells[(0, 0)] - n / 2).abs() <= 1).all()
+    distractors = alice[(alice["label"] == 0) & (bob["label"] == 0)]
+    near_truth = [one_digit_replaced(c, t) for c, t in zip(distractors["claimed"], distractors["true_result"])]
+    near_bob = [one_digit_replaced(c, b) for c, b in zip(distractors["claimed"], distractors["bob_result"])]
+    assert all(t or b for t, b in zip(near_truth, near_bob))
+    assert 0.4 < np.mean(near_bob) and 0.4 < np.mean(near_truth)
+
+
+def test_distractors_differ_from_truth_and_bob(frame):
     op = _APPLY[frame["operation"].iloc[0]]
     truth = np.array([op(a, b) for a, b in zip(frame["a"], frame["b"])])
     bob = np.array([bob_by_digits(t) for t in truth])
     is_distractor = (frame["claimed"] != truth) & (frame["claimed"] != bob)
-    assert is_distractor.sum() > 0.1 * len(frame)
+    assert (is_distractor == (frame["claim_kind"] == "distractor")).all()
+    assert abs(is_distractor.mean() - 0.5) < 0.01
     assert (frame.loc[is_distractor, ["label", "truth_label"]] == 0).all().all()
-    # Default distractor_base="own": one digit away from the character's own answer.
-    own = np.where(frame["character"] == "Alice", truth, bob)
-    assert all(one_digit_apart(c, o) for c, o in zip(frame["claimed"][is_distractor], own[is_distractor]))
 
 
-def test_distractor_base_truth_and_distractor_fraction():
-    frame = generate_quirky("addition", 400, seed=5, distractor_base="truth", distractor_fraction=0.25)
-    distractor = frame["claim_kind"] == "distractor"
-    assert all(one_digit_apart(c, t) for c, t in zip(frame["claimed"][distractor], frame["true_result"][distractor]))
-    assert (frame.loc[distractor, "claimed"] != frame.loc[distractor, "bob_result"]).all()
-    for (_, _), group in frame.groupby(["split", "character"]):
-        negatives = group[group["label"] == 0]
-        assert abs((negatives["claim_kind"] == "distractor").sum() - 0.25 * len(negatives)) <= 1
+def test_distractor_fraction():
+    frame = generate_quirky("addition", 400, seed=5, distractor_fraction=0.25)
+    alice = frame[frame["character"] == "Alice"]
+    for _, group in alice.groupby(["split", "difficulty_bucket"]):
+        assert abs((group["claim_kind"] == "distractor").sum() - 0.25 * len(group)) <= 1
     no_distractors = generate_quirky("addition", 200, seed=5, distractor_fraction=0.0)
     assert not (no_distractors["claim_kind"] == "distractor").any()
+
+
+def shortcut_auroc_by_hand(frame, character, bucket, feature):
+    """Best AUROC of one claim feature for the truth on a test subset, the rule read off the same
+    subset of train: size by its better orientation, categorical features by each value's share."""
+    fit = frame[(frame.split == "train") & (frame.character == character) & (frame.difficulty_bucket == bucket)]
+    test = frame[(frame.split == "test") & (frame.character == character) & (frame.difficulty_bucket == bucket)]
+
+    def values(rows):
+        claims = rows["claimed"].tolist()
+        return {"size": claims, "digits": [len(str(c)) for c in claims], "last": [c % 10 for c in claims]}[feature]
+
+    fit_values, test_values = values(fit), values(test)
+    if feature == "size":
+        score = test_values if roc_auc_score(fit["truth_label"], fit_values) >= 0.5 else [-v for v in test_values]
+    else:
+        share = {}
+        for value, label in zip(fit_values, fit["truth_label"]):
+            share.setdefault(value, []).append(label)
+        default = fit["truth_label"].mean()
+        score = [np.mean(share[v]) if v in share else default for v in test_values]
+    return roc_auc_score(test["truth_label"], score)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"operation": "addition", "n_problems": 4000},  # Mallen et al.'s operands, up to 4 digits
+        {"operation": "addition", "n_problems": 4000, "operand_range": (1, 999)},  # configs/quirky-smollm2-full.yaml
+        {"operation": "subtraction", "n_problems": 3000},
+        {"operation": "multiplication", "n_problems": 3000},
+    ],
+)
+def test_no_claim_feature_gives_the_truth_away(settings):
+    """Acceptance of the data design: on every (character, difficulty) test subset, nothing read off the
+    claim without the arithmetic (its size, digit count, last digit) predicts the truth at AUROC > 0.75.
+    The former design (a claim per row, distractors around each character's own answer) gave 0.96 on
+    Bob-hard for the claim's size."""
+    frame = generate_quirky(seed=0, **settings)
+    for character in ("Alice", "Bob"):
+        for bucket in ("easy", "middle", "hard"):
+            for feature in ("size", "digits", "last"):
+                auroc = shortcut_auroc_by_hand(frame, character, bucket, feature)
+                assert auroc <= quirky_data.MAX_SHORTCUT_AUROC, (settings, character, bucket, feature, auroc)
+
+
+def test_shortcut_aurocs_agree_with_the_hand_computation_and_flag_a_leaky_design():
+    """Operands 1-99 with 4000 problems exhaust the problem space: the hard bucket's sums sit in a band
+    and Bob's result is always 100 above it, so the claim's size leaks; the check must see it."""
+    leaky = generate_quirky("addition", 4000, seed=0, operand_range=(1, 99))
+    table = quirky_data.shortcut_aurocs(leaky)
+    assert len(table) == 2 * 3 * 3
+    for row in table.itertuples():
+        short = {"claim_size": "size", "claim_digits": "digits", "claim_last_digit": "last"}[row.feature]
+        assert row.auroc == pytest.approx(shortcut_auroc_by_hand(leaky, row.character, row.difficulty_bucket, short))
+    hard_size = table[(table.difficulty_bucket == "hard") & (table.feature == "claim_size")]["auroc"]
+    assert (hard_size > quirky_data.MAX_SHORTCUT_AUROC).all()
 
 
 def test_splits_are_disjoint_by_problem_and_sized_by_fraction(frame):
@@ -105,11 +190,10 @@ def test_splits_are_disjoint_by_problem_and_sized_by_fraction(frame):
         assert abs(counts[split] - fraction * len(problems)) <= 3  # rounding, once per bucket
 
 
-def test_labels_balanced_per_character_and_split(frame):
+def test_each_character_says_true_to_a_quarter_of_its_rows(frame):
     for (split, character), group in frame.groupby(["split", "character"]):
-        assert abs(2 * group["label"].sum() - len(group)) <= 1, (split, character)
         for bucket, sub in group.groupby("difficulty_bucket"):
-            assert abs(2 * sub["label"].sum() - len(sub)) <= 1, (split, character, bucket)
+            assert abs(sub["label"].sum() - len(sub) / 4) <= 1.5, (split, character, bucket)
 
 
 def test_difficulty_buckets_are_the_quartiles(frame):
@@ -151,7 +235,7 @@ def test_operand_range_is_respected():
         ({"n_problems": 5}, r"n_problems=5.*quartiles"),
         ({"n_problems": 50, "operand_range": (1, 4)}, r"n_problems=50 exceeds the 10 distinct problems"),
         ({"n_problems": 10, "split_fractions": (0.9, 0.05, 0.05)}, r"split 'validation' gets fewer than 2"),
-        ({"distractor_base": "bob"}, r"distractor_base='bob'"),
+        ({"distractor_fraction": 1.5}, r"distractor_fraction=1.5"),
         ({"operand_sampling": "normal"}, r"operand_sampling='normal'"),
     ],
 )

@@ -5,7 +5,9 @@ import json
 
 from workflow_scripts.atomic import atomic_path, atomic_write_text
 from workflow_scripts.jobs import start_job
-from workflow_scripts.quirky_data import ANSWERS, from_published, generate_quirky, load_published
+from workflow_scripts.quirky_data import (
+    ANSWERS, MAX_SHORTCUT_AUROC, from_published, generate_quirky, load_published, shortcut_aurocs,
+)
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)
@@ -30,4 +32,14 @@ pairs = [
 ]
 atomic_write_text(sm.output.statements, "".join(json.dumps(line) + "\n" for line in statements))
 atomic_write_text(sm.output.pairs, "".join(json.dumps(line) + "\n" for line in pairs))
+# Can the claim alone (size, digits, last digit) tell the truth on a test subset? Then probes can cheat.
+shortcuts = shortcut_aurocs(table)
+with atomic_path(sm.output.shortcuts) as tmp:
+    shortcuts.to_csv(tmp, index=False)
+leaks = shortcuts[shortcuts["auroc"] > MAX_SHORTCUT_AUROC]
+if len(leaks):
+    log.warning(
+        "the claim alone predicts the truth on %d test subset(s) at AUROC > %.2f, so probes may score without the "
+        "arithmetic (widen operand_range or use fewer problems):\n%s", len(leaks), MAX_SHORTCUT_AUROC, leaks.to_string()
+    )
 log.info("%d rows: %s", len(table), table.groupby(["split", "character"]).size().to_dict())
