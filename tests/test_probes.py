@@ -160,8 +160,9 @@ def layered_activations(metadata, signals, d=12, margin=2.0, seed=0):
         signal = margin * (2 * metadata[column].to_numpy() - 1)[:, None] * direction
         context = rng.standard_normal((n, d))
         statements[:, layer] = context + signal
-        pairs[:, layer, 0] = context - signal + 0.3 * rng.standard_normal((n, d))
-        pairs[:, layer, 1] = context + signal + 0.3 * rng.standard_normal((n, d))
+        # Each appended answer moves the activation by its own large offset, as a token does.
+        pairs[:, layer, 0] = context - signal + 5.0 * unit(rng, d) + 0.3 * rng.standard_normal((n, d))
+        pairs[:, layer, 1] = context + signal + 5.0 * unit(rng, d) + 0.3 * rng.standard_normal((n, d))
     return statements, pairs
 
 
@@ -184,8 +185,14 @@ def test_transfers_score_truth_on_the_right_rows(quirky_metadata):
     assert row["n_test"] == count[("Bob", "hard", "test")]
     assert row["auroc_lo"] <= row["auroc"] <= row["auroc_hi"]
 
-    truth_layer = result[(result["layer"] == 0) & (result["method"] != "random")]
-    assert (truth_layer["auroc"] > 0.95).all(), truth_layer[truth_layer["auroc"] <= 0.95]
+    # Probes learn (or, unsupervised, take their sign from) each context's own label by default, as the
+    # reference: from Bob's contexts a truth-encoding layer is learned reversed, so B->A falls below
+    # chance; everything else finds the truth.
+    truth_layer = result[(result["layer"] == 0) & (result["method"] != "random")].set_index(["method", "transfer"]).sort_index()
+    supervised_b_to_a = truth_layer.loc[(slice(None), "B->A"), "auroc"]
+    assert (supervised_b_to_a < 0.05).all(), supervised_b_to_a
+    rest = truth_layer.drop(index=supervised_b_to_a.index)["auroc"]
+    assert (rest > 0.95).all(), rest[rest <= 0.95]
     # At the "what the character says" layer a probe trained on Alice tracks Bob's labels, which
     # disagree with the truth: scored against the truth it falls below chance on Bob, not on Alice.
     says_layer = result[(result["layer"] == 1) & (result["method"] == "logreg")].set_index("transfer")["auroc"]
@@ -193,15 +200,14 @@ def test_transfers_score_truth_on_the_right_rows(quirky_metadata):
     assert says_layer["A->B"] < 0.4
 
 
-def test_transfers_can_train_on_the_characters_labels(quirky_metadata):
-    # Bob's "True" claims are all false, so a truth-encoding layer trained on Bob's labels learns the
-    # truth reversed; Alice's labels are the truth, so A->B does not change.
+def test_transfers_can_train_on_the_truth(quirky_metadata):
+    # Trained on the truth in Bob's contexts too, a truth-encoding layer transfers from Bob to Alice.
     statements, _ = layered_activations(quirky_metadata, ["truth_label"])
-    by_label = probes.evaluate_transfers(
-        quirky_metadata, statements.astype(np.float32), methods=["diffmean"], train_label_column="label", n_boot=0
+    by_truth = probes.evaluate_transfers(
+        quirky_metadata, statements.astype(np.float32), methods=["diffmean"], train_label_column="truth_label", n_boot=0
     ).set_index("transfer")["auroc"]
-    assert by_label["B->A"] < 0.05
-    assert by_label["A->B"] > 0.95
+    assert by_truth["B->A"] > 0.95
+    assert by_truth["A->B"] > 0.95
 
 
 def test_transfers_reject_bad_requests(quirky_metadata):
@@ -222,10 +228,147 @@ def test_anomaly_detection_separates_planted_anomaly(quirky_metadata):
     quirky, _ = layered_activations(quirky_metadata, ["truth_label"] * 3 + ["label"] * 3)
     result = probes.anomaly_detection_auroc(quirky_metadata, quirky, methods=["logreg", "diffmean"], n_boot=200)
     assert set(result["method"]) == {"logreg", "diffmean"}
-    assert (result["auroc"] > 0.8).all(), result
+    # Only Bob's rows whose claim is the truth or Bob's answer (half of them) make the layers disagree;
+    # distractors are false for both characters. Perfect detection of that half caps AUROC near 0.75.
+    assert (result["auroc"] > 0.66).all(), result
     assert (result["n_normal"] > 20).all() and (result["n_anomalous"] > 20).all()
 
     # Control: every layer encodes the truth, Bob's contexts look like Alice's.
     plain, _ = layered_activations(quirky_metadata, ["truth_label"] * 6)
     control = probes.anomaly_detection_auroc(quirky_metadata, plain, methods=["logreg"], n_boot=200)
-    assert 0.3 < control["auroc"].iloc[0] < 0.7
+    assert 0.35 < control["auroc"].iloc[0] < 0.6, control
+
+
+# ----- reference fidelity: random baseline, LDA, pair normalisation, layer choice ----------------
+
+
+def test_random_baseline_orients_each_direction_by_its_training_auroc():
+    """Against a loop over directions written here with sklearn: flip each direction whose AUROC on the
+    training rows is below 0.5, then score the test rows."""
+    rng = np.random.default_rng(1)
+    X_train, X_test = rng.standard_normal((120, 6)), rng.standard_normal((80, 6))
+    y_train, y_test = rng.integers(0, 2, 120), rng.integers(0, 2, 80)
+    X_train[:, 0] += y_train  # a weak signal so orientation matters on test
+    X_test[:, 0] += y_test
+    got = probes.random_direction_aurocs(X_train, y_train, X_test, y_test, n_directions=50, seed=3)
+    directions = np.random.default_rng(3).standard_normal((50, 6))
+    expected = []
+    for z in directions:
+        sign = 1.0 if roc_auc_score(y_train, X_train @ z) >= 0.5 else -1.0
+        expected.append(roc_auc_score(y_test, X_test @ (sign * z)))
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    assert np.mean(got) > 0.5  # oriented directions pick up the signal on average
+
+
+def test_random_baseline_in_transfers_reports_mean_and_spread(quirky_metadata):
+    statements, _ = layered_activations(quirky_metadata, ["truth_label"])
+    result = probes.evaluate_transfers(
+        quirky_metadata, statements, methods=["random"], transfers=["A->A"], n_random_directions=200, n_boot=0
+    ).iloc[0]
+    fit = probes._subset(quirky_metadata, ("Alice", None), "train")
+    test = probes._subset(quirky_metadata, ("Alice", None), "test")
+    aurocs = probes.random_direction_aurocs(
+        statements[fit, 0], quirky_metadata["label"][fit], statements[test, 0], quirky_metadata["truth_label"][test], 200, 0
+    )
+    assert result["auroc"] == pytest.approx(aurocs.mean())
+    assert (result["auroc_lo"], result["auroc_hi"]) == pytest.approx(tuple(np.quantile(aurocs, [0.025, 0.975])))
+    assert result["interval"].startswith("random directions")
+    # Oriented on training labels, random directions in a layer that encodes the truth beat chance.
+    assert result["auroc"] > 0.55
+
+
+def test_lda_is_the_pooled_covariance_pseudo_inverse_direction():
+    """The reference's LDA: pinv(class-size-weighted unbiased covariances) @ mean difference, no
+    shrinkage; with D close to N shrinkage would pull the direction towards the mean difference."""
+    rng = np.random.default_rng(2)
+    n, d = 60, 40
+    y = rng.integers(0, 2, n)
+    X = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + np.outer(y, rng.standard_normal(d))
+    probe = probes.fit_lda(X, y)
+    false, true = X[y == 0], X[y == 1]
+    pooled = (len(false) * np.cov(false.T) + len(true) * np.cov(true.T)) / n
+    expected = np.linalg.pinv(pooled) @ (true.mean(axis=0) - false.mean(axis=0))
+    np.testing.assert_allclose(probe.weight, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_pair_normalisation_is_leace_erasing_the_appended_answer(data):
+    """The contrast probes' normalisation equals concept-erasure's LEACE eraser fitted on both sides of
+    the pairs with the side as the concept, applied to each side (the reference's norm="leace")."""
+    from concept_erasure import LeaceEraser
+
+    _, pairs, _, _ = data
+    n, _, d = pairs.shape
+    flat = torch.as_tensor(pairs.reshape(2 * n, d))
+    eraser = LeaceEraser.fit(flat, torch.as_tensor(np.tile([0.0, 1.0], n)[:, None]))
+    erased = eraser(flat).numpy().reshape(n, 2, d)
+    matrix = probes._side_eraser(pairs)
+    np.testing.assert_allclose((pairs[:, 1] - pairs[:, 0]) @ matrix, erased[:, 1] - erased[:, 0], atol=1e-8)
+    # After erasure no linear direction separates the two sides on average.
+    np.testing.assert_allclose(erased[:, 1].mean(axis=0), erased[:, 0].mean(axis=0), atol=1e-8)
+
+
+def test_ccs_reaches_a_stationary_point_of_the_penalised_loss(data):
+    """L-BFGS runs to convergence, unlike a fixed number of Adam steps: the gradient of the reference's
+    penalised CCS objective at the kept restart is ~0 (checked on the LEACE-normalised inputs)."""
+    _, pairs, y, _ = data
+    probe = probes.fit_ccs(pairs[:300], None, seed=0, n_restarts=2, n_epochs=1000)
+    matrix = probes._side_eraser(pairs[:300])
+    # Recover the raw weight w (probe.weight = M @ w) in the erased space: least squares on M.
+    weight = np.linalg.lstsq(matrix, probe.weight, rcond=None)[0]
+    x_false = torch.as_tensor(pairs[:300, 0] @ matrix, dtype=torch.float64)
+    x_true = torch.as_tensor(pairs[:300, 1] @ matrix, dtype=torch.float64)
+    w = torch.as_tensor(weight, dtype=torch.float64).requires_grad_()
+    # The bias is not returned; minimise over it alone (1-D), then check the gradient in w.
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([b], line_search_fn="strong_wolfe", max_iter=200)
+
+    def objective():
+        p_false, p_true = torch.sigmoid(x_false @ w + b), torch.sigmoid(x_true @ w + b)
+        loss = ((p_true + p_false - 1) ** 2).mean() + (torch.minimum(p_true, p_false) ** 2).mean()
+        return loss + 0.01 * (w.square().sum() + b.square().sum()) / 2
+
+    def closure():
+        optimizer.zero_grad()
+        value = objective()
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    w.grad = None
+    objective().backward()
+    assert float(w.grad.norm()) < 1e-3
+
+
+def test_layer_is_chosen_on_the_selection_split_not_on_test(quirky_metadata):
+    """Layer 0 encodes the truth weakly on every row; layer 1 strongly on train and test rows but not on
+    validation rows. Chosen on validation, the reported layer is 0; the test AUROC would pick 1."""
+    metadata = quirky_metadata
+    rng = np.random.default_rng(5)
+    n, d = len(metadata), 8
+    truth = 2 * metadata["truth_label"].to_numpy() - 1
+    weak = rng.standard_normal((n, d))
+    weak[:, 0] += 0.8 * truth
+    strong = rng.standard_normal((n, d))
+    not_validation = (metadata["split"] != "validation").to_numpy()
+    strong[not_validation, 1] += 3.0 * truth[not_validation]
+    statements = np.stack([weak, strong], axis=1)
+    for rule in ("best", "earliest_informative"):
+        result = probes.evaluate_transfers(
+            metadata, statements, methods=["diffmean"], transfers=["A->A"], n_boot=0, layer_selection=rule
+        )
+        chosen = result[result["selected"]]
+        assert chosen["layer"].tolist() == [0], rule
+        assert result.set_index("layer").loc[1, "auroc"] > result.set_index("layer").loc[0, "auroc"]
+
+
+@pytest.mark.parametrize(
+    ("aurocs", "rule", "expected"),
+    [
+        ([0.6, 0.9, 0.95, 0.8], "best", 2),
+        ([0.6, 0.93, 0.95, 0.8], "earliest_informative", 1),  # 0.43 >= 0.95 * 0.45
+        ([0.6, 0.92, 0.95, 0.8], "earliest_informative", 2),  # 0.42 < 0.4275
+        ([0.4, 0.5, 0.45], "earliest_informative", 1),  # nothing above chance: the middle layer
+    ],
+)
+def test_select_layer_rules(aurocs, rule, expected):
+    assert probes.select_layer(aurocs, rule) == expected

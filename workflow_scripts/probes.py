@@ -6,22 +6,26 @@ prompt with " False" and with " True" appended, last-token activation of each, s
 (N, 2, D) array indexed by answer (pairs[:, 0] = " False", pairs[:, 1] = " True"; `make_pairs`
 builds it), matching ANSWERS in quirky_data. All other probes read statement activations.
 
-Every probe is linear and exposes `score(X) -> (N,)`, log-odds-like, higher = "true":
+Every probe is linear and exposes `score(X) -> (N,)`, higher = "true". As in Mallen et al.'s reference
+code (elk-generalization):
   logreg      L2 logistic regression on standardised features; score = its log-odds.
   diffmean    w = mean(true) - mean(false), threshold at the midpoint of the two means.
-  lda         shrinkage LDA (Ledoit-Wolf), score = its log-odds.
-  ccs         Burns et al. contrast-consistent search, trained with torch from a few seeded restarts,
-              keeping the lowest loss; score = (logit(" True") - logit(" False")) / 2.
-  crc         contrastive representation clustering: top principal component of the pair differences;
-              score = projection of the pair difference on it.
-  random      a seeded random direction through the training mean; never oriented by labels, so it
-              is the chance baseline.
-CCS and CRC normalise each side of the pairs by its own training mean, removing the direction that
-only says which answer was appended. They are unsupervised; labels, when given, only pick the sign
-(the training AUROC is made >= 0.5), as the supervised methods are oriented by construction.
+  lda         w = pinv(S_w) (mean(true) - mean(false)), S_w the within-class covariance pooled by
+              class size, no shrinkage (the reference's LdaReporter.fit).
+  ccs         Burns et al. contrast-consistent search on LEACE-normalised pairs (the concept "which
+              answer was appended" erased, `concept-erasure`), L-BFGS with L2 penalty from several
+              restarts, the lowest loss kept; score = (logit(" True") - logit(" False")).
+  crc         contrastive representation clustering: top principal component of the LEACE-normalised
+              pair differences; score = projection of the pair difference on it.
+  random      random directions, each oriented by its training AUROC (the reference's baseline);
+              evaluate_transfers reports the mean over many and their 2.5-97.5% spread.
+CCS and CRC are unsupervised; labels, when given, only pick the sign by Platt scaling (a scale and bias
+fitted by L-BFGS to the labels, the sign of the scale kept), as the reference's resolve_sign.
 
-Transfers train on the train split of a source subset and test on the test split of a target subset;
-the metric is always AUROC against `truth_label`, whatever the probe was trained on.
+Transfers fit on the fit split of a source subset and test on the test split of a target subset; the
+metric is always AUROC against `truth_label`, whatever the probe was fitted to. The reported layer of
+each (method, transfer) is chosen on another split of the source subset (see evaluate_transfers), never
+on the rows its AUROC is reported on unless the settings ask for it.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from concept_erasure import LeaceFitter
+from scipy.stats import rankdata
 from sklearn.covariance import LedoitWolf
-from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -73,12 +78,14 @@ class LinearProbe:
 
 @dataclass
 class ContrastProbe:
-    """score(pairs) = ((x_true - center_true) - (x_false - center_false)) @ weight on (N, 2, D) pairs."""
+    """score(pairs) = (x_true - x_false) @ weight on (N, 2, D) pairs.
+
+    The weight already contains the pair normalisation: LEACE's eraser is affine, so its offset cancels
+    in the difference of the two sides and only its linear part is folded into the weight.
+    """
 
     method: str
     weight: np.ndarray
-    center_false: np.ndarray
-    center_true: np.ndarray
     input_kind = "contrast_pair"
 
     def score(self, pairs) -> np.ndarray:
@@ -87,7 +94,7 @@ class ContrastProbe:
             raise ValueError(
                 f"pairs have {pairs.shape[2]} features, the {self.method} probe was fitted on {self.weight.shape[0]}"
             )
-        return _pair_differences(pairs, self.center_false, self.center_true) @ self.weight
+        return (pairs[:, 1] - pairs[:, 0]) @ self.weight
 
 
 def make_pairs(X_false, X_true) -> np.ndarray:
@@ -116,37 +123,111 @@ def fit_diffmean(X, y) -> LinearProbe:
 
 
 def fit_lda(X, y) -> LinearProbe:
+    """As the reference: w = pinv(S_w) @ (mean(true) - mean(false)), S_w = class-size-weighted average of
+    the two classes' (unbiased) covariances. pinv, not shrinkage, handles D close to or above N."""
     X, y = _as_matrix(X, "X"), _as_labels(y, len(X))
-    # Shrinkage keeps the covariance invertible when D is close to or above N.
-    model = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(X, y)
-    return LinearProbe("lda", model.coef_[0].astype(float), float(model.intercept_[0]))
+    false, true = X[y == 0], X[y == 1]
+    if min(len(false), len(true)) < 2:
+        raise ValueError(f"lda needs at least 2 rows of each class, got {len(false)} false and {len(true)} true")
+    mean_false, mean_true = false.mean(axis=0), true.mean(axis=0)
+    within = (len(false) * np.cov(false, rowvar=False) + len(true) * np.cov(true, rowvar=False)) / len(X)
+    weight = np.linalg.pinv(np.atleast_2d(within), hermitian=True) @ (mean_true - mean_false)
+    return LinearProbe("lda", weight, float(-weight @ (mean_true + mean_false) / 2))
 
 
-def fit_random(X, seed: int = 0) -> LinearProbe:
-    """A random unit direction through the training mean (labels never used)."""
+def fit_random(X, y=None, seed: int = 0) -> LinearProbe:
+    """One random unit direction through the training mean, oriented by its training AUROC when labels
+    are given (the single-probe form; evaluate_transfers reports many, see random_direction_aurocs)."""
     X = _as_matrix(X, "X")
     weight = np.random.default_rng(seed).standard_normal(X.shape[1])
     weight /= np.linalg.norm(weight)
+    if y is not None:
+        y = _as_labels(y, len(X))
+        _require_both_classes(y, "labels for orienting the random probe")
+        weight *= 1.0 if roc_auc_score(y, X @ weight) >= 0.5 else -1.0
     return LinearProbe("random", weight, float(-X.mean(axis=0) @ weight))
 
 
+def column_aurocs(labels, scores) -> np.ndarray:
+    """AUROC of every column of scores (N, K) against 0/1 labels (N,), ties counting one half (the
+    Mann-Whitney statistic from average ranks)."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs both classes; got {n_pos} positive and {n_neg} negative rows")
+    ranks = rankdata(np.asarray(scores, dtype=float), axis=0)
+    return (ranks[labels].sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def random_direction_aurocs(X_train, y_train, X_test, y_test, n_directions: int = 1000, seed: int = 0) -> np.ndarray:
+    """Test AUROCs of n_directions Gaussian random directions, each flipped so that its AUROC on the
+    training rows is >= 0.5 (the reference's random baseline). Returns an (n_directions,) array."""
+    X_train, X_test = _as_matrix(X_train, "X_train"), _as_matrix(X_test, "X_test")
+    y_train, y_test = _as_labels(y_train, len(X_train)), _as_labels(y_test, len(X_test))
+    directions = np.random.default_rng(seed).standard_normal((n_directions, X_train.shape[1]))
+    signs = np.where(column_aurocs(y_train, X_train @ directions.T) >= 0.5, 1.0, -1.0)
+    return column_aurocs(y_test, X_test @ (directions * signs[:, None]).T)
+
+
+def _side_eraser(pairs: np.ndarray) -> np.ndarray:
+    """(D, D) linear part M of the LEACE eraser that removes "which answer was appended" from both sides
+    of the pairs (fitted on the pairs themselves, as the reference), so erased(x_true) - erased(x_false)
+    = (x_true - x_false) @ M."""
+    n, _, d = pairs.shape
+    flat = torch.as_tensor(pairs.reshape(2 * n, d), dtype=torch.float64)
+    side = torch.as_tensor(np.tile([0.0, 1.0], n)[:, None], dtype=torch.float64)
+    eraser = LeaceFitter.fit(flat, side).eraser
+    basis = torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)])
+    erased = eraser(basis)
+    return (erased[1:] - erased[0]).numpy()
+
+
+def _platt_sign(raw_false: np.ndarray, raw_true: np.ndarray, y) -> float:
+    """+1 or -1: the sign of the Platt scale a * raw + b fitted by L-BFGS so that each side's logit
+    predicts whether that side is the right answer (the reference's resolve_sign)."""
+    y = torch.as_tensor(np.asarray(y), dtype=torch.float64)
+    raw = torch.as_tensor(np.stack([raw_false, raw_true], axis=1), dtype=torch.float64)
+    raw = raw / (raw.std() + 1e-12)  # the scale's sign is all that is kept; this only helps L-BFGS
+    target = torch.stack([1.0 - y, y], dim=1)
+    scale, bias = torch.ones(1, dtype=torch.float64, requires_grad=True), torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([scale, bias], line_search_fn="strong_wolfe", max_iter=100)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(raw * scale + bias, target)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return 1.0 if float(scale.detach()) >= 0 else -1.0
+
+
+def _orient_pairs(probe: ContrastProbe, pairs: np.ndarray, y) -> ContrastProbe:
+    """Flip an unsupervised probe by the Platt sign of its per-side outputs (only when labels are given)."""
+    if y is None:
+        return probe
+    y = _as_labels(y, len(pairs))
+    _require_both_classes(y, f"labels for orienting the {probe.method} probe")
+    probe.weight = probe.weight * _platt_sign(pairs[:, 0] @ probe.weight, pairs[:, 1] @ probe.weight, y)
+    return probe
+
+
 def fit_crc(pairs, y=None) -> ContrastProbe:
-    """Top principal component of the normalised pair differences.
+    """Top principal component of the centred, LEACE-normalised pair differences.
 
     Without labels the sign is fixed by making the component's largest-magnitude entry positive;
     the axis is the same for swapped pairs, so swapping the pair order negates every score.
     """
     pairs = _as_pairs(pairs, "pairs")
-    center_false, center_true = pairs[:, 0].mean(axis=0), pairs[:, 1].mean(axis=0)
-    diffs = _pair_differences(pairs, center_false, center_true)  # centred: both sides are
-    _, _, vt = np.linalg.svd(diffs, full_matrices=False)
-    weight = vt[0] * np.sign(vt[0][np.argmax(np.abs(vt[0]))])
-    probe = ContrastProbe("crc", weight, center_false, center_true)
-    return _orient(probe, pairs, y)
+    erase = _side_eraser(pairs)
+    diffs = (pairs[:, 1] - pairs[:, 0]) @ erase
+    _, _, vt = np.linalg.svd(diffs - diffs.mean(axis=0), full_matrices=False)
+    component = vt[0] * np.sign(vt[0][np.argmax(np.abs(vt[0]))])
+    return _orient_pairs(ContrastProbe("crc", erase @ component), pairs, y)
 
 
 def ccs_loss(logits_false: torch.Tensor, logits_true: torch.Tensor) -> torch.Tensor:
-    """Burns et al.: consistency (p+ = 1 - p-) plus confidence (not both near 0.5).
+    """Burns et al.: consistency (p+ = 1 - p-) plus confidence (not both near 0.5), each a mean.
 
     Symmetric in its two arguments, so the loss does not depend on which side of the pair is which.
     Logits are (N,) or (N, R) for R restarts; the loss is averaged over N, one value per restart.
@@ -161,55 +242,64 @@ def fit_ccs(
     pairs,
     y=None,
     seed: int = 0,
-    n_restarts: int = 5,
-    n_epochs: int = 500,
-    lr: float = 1e-2,
+    n_restarts: int = 10,
+    n_epochs: int = 1000,
     weight_decay: float = 0.01,
     torch_threads: int | None = 1,
 ) -> ContrastProbe:
-    """Contrast-consistent search: full-batch AdamW from `n_restarts` seeded inits, lowest loss kept.
+    """Contrast-consistent search as the reference (CcsConfig of its transfer script): LEACE
+    normalisation, a linear logit with bias from PyTorch's default initialisation, L-BFGS (strong Wolfe
+    line search, n_epochs iterations at most) on the CCS loss plus weight_decay * |params|^2 / 2,
+    n_restarts seeded restarts, the lowest unpenalised loss kept; sign by Platt scaling when y is given.
 
-    The restarts train side by side as the columns of one (D, n_restarts) weight: their losses are
-    summed, which leaves each column's gradient (and AdamW's per-entry update) its own.
     torch_threads: torch's thread count while training (restored afterwards); one thread is fastest
     for these small matrices, where thread hand-offs cost more than the arithmetic.
     """
     pairs = _as_pairs(pairs, "pairs")
-    center_false, center_true = pairs[:, 0].mean(axis=0), pairs[:, 1].mean(axis=0)
-    side_false, side_true = pairs[:, 0] - center_false, pairs[:, 1] - center_true
-    # One scalar scale for both sides (symmetric in the sides) so lr suits any activation norm.
-    scale = float(np.sqrt(0.5 * ((side_false**2).mean() + (side_true**2).mean()))) or 1.0
-    x_false = torch.as_tensor(side_false / scale, dtype=torch.float32)
-    x_true = torch.as_tensor(side_true / scale, dtype=torch.float32)
+    erase = _side_eraser(pairs)
+    # The eraser's offset is the same on both sides and is absorbed by the bias, so the linear part suffices.
+    x_false = torch.as_tensor(pairs[:, 0] @ erase, dtype=torch.float32)
+    x_true = torch.as_tensor(pairs[:, 1] @ erase, dtype=torch.float32)
     n_features = pairs.shape[2]
     generator = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(n_features, n_restarts, generator=generator) / np.sqrt(n_features)).requires_grad_()
-    bias = torch.zeros(n_restarts, requires_grad=True)
+    eps = torch.finfo(torch.float32).eps
+    bound = 1.0 / np.sqrt(n_features)  # nn.Linear's default: uniform in +-1/sqrt(fan_in)
 
     previous_threads = torch.get_num_threads()
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    best_loss, best_weight = float("inf"), None
     try:
-        optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
-        for _ in range(n_epochs):
-            optimizer.zero_grad()
-            ccs_loss(x_false @ weight + bias, x_true @ weight + bias).sum().backward()
-            optimizer.step()
-        with torch.no_grad():
-            final = ccs_loss(x_false @ weight + bias, x_true @ weight + bias)
+        for _ in range(n_restarts):
+            weight = ((torch.rand(n_features, generator=generator) * 2 - 1) * bound).requires_grad_()
+            bias = ((torch.rand(1, generator=generator) * 2 - 1) * bound).requires_grad_()
+            optimizer = torch.optim.LBFGS(
+                [weight, bias], line_search_fn="strong_wolfe", max_iter=n_epochs, tolerance_change=eps, tolerance_grad=eps
+            )
+            loss = torch.tensor(float("inf"))
+
+            def closure():
+                nonlocal loss
+                optimizer.zero_grad()
+                loss = ccs_loss(x_false @ weight + bias, x_true @ weight + bias)
+                penalised = loss + weight_decay * (weight.square().sum() + bias.square().sum()) / 2
+                penalised.backward()
+                return penalised
+
+            optimizer.step(closure)
+            if float(loss.detach()) < best_loss:
+                best_loss, best_weight = float(loss.detach()), weight.detach().numpy().astype(float)
     finally:
         torch.set_num_threads(previous_threads)
-    best = int(torch.argmin(final))
-    best_weight = weight.detach()[:, best].numpy().astype(float)
-    # (logit_true - logit_false) / 2: the bias cancels, the scale folds into the weight.
-    probe = ContrastProbe("ccs", best_weight / (2 * scale), center_false, center_true)
-    return _orient(probe, pairs, y)
+    if best_weight is None or not np.isfinite(best_loss):
+        raise RuntimeError(f"CCS: no restart reached a finite loss ({n_restarts} restarts)")
+    return _orient_pairs(ContrastProbe("ccs", erase @ best_weight), pairs, y)
 
 
 def fit_probe(method: str, X, y=None, seed: int = 0, **options) -> LinearProbe | ContrastProbe:
     """Fit `method` (one of METHODS). X is (N, D) statements, or (N, 2, D) pairs for ccs and crc.
 
-    y is required for logreg, diffmean and lda, optional for ccs and crc (sign only), unused by random.
+    y is required for logreg, diffmean and lda, optional for ccs, crc and random (sign only).
     """
     if method not in METHODS:
         raise ValueError(f"unknown probe method {method!r}; allowed: {', '.join(METHODS)}")
@@ -222,7 +312,7 @@ def fit_probe(method: str, X, y=None, seed: int = 0, **options) -> LinearProbe |
     if method == "lda":
         return fit_lda(X, y, **options)
     if method == "random":
-        return fit_random(X, seed=seed, **options)
+        return fit_random(X, y, seed=seed, **options)
     if method == "crc":
         return fit_crc(X, y, **options)
     return fit_ccs(X, y, seed=seed, **options)
@@ -277,18 +367,26 @@ def auroc_with_ci(
 # ----- transfers and anomaly detection ---------------------------------------------------------
 
 
+LAYER_SELECTIONS = ("earliest_informative", "best")
+
+
 def evaluate_transfers(
     metadata: pd.DataFrame,
     activations,
     contrast_activations=None,
     methods=None,
     transfers=None,
-    train_label_column: str = "truth_label",
+    train_label_column: str = "label",
     n_boot: int = 1000,
     seed: int = 0,
     probe_options: dict[str, dict] | None = None,
+    fit_split: str = "train",
+    selection_split: str = "validation",
+    layer_selection: str = "earliest_informative",
+    informative_fraction: float = 0.95,
+    n_random_directions: int = 1000,
 ) -> pd.DataFrame:
-    """AUROC against the truth for every layer x probe method x transfer.
+    """AUROC against the truth for every layer x probe method x transfer, and the layer reported for each.
 
     metadata: one row per example with columns character, difficulty_bucket, split, truth_label and
         `train_label_column`, aligned with the activations' first axis.
@@ -297,16 +395,24 @@ def evaluate_transfers(
         ccs and crc only.
     methods: subset of METHODS; default every method the given arrays allow.
     transfers: subset of TRANSFERS' names; default all.
-    train_label_column: what the probes learn. "truth_label" (default) trains on the truth in every
-        context; "label" trains on what the context's character would say (Bob's labels in Bob's
-        contexts), our reading of how Mallen et al. label training contexts. Alice's labels are the
-        truth, so the choice matters only for B->A and all->B_hard; where a layer encodes the truth,
-        a probe trained on Bob's labels learns it reversed, since Bob's "True" claims are false.
+    train_label_column: what the probes learn. "label" (default, as the reference) is each context's own
+        label (Bob's labels in Bob's contexts); "truth_label" the truth everywhere. Alice's labels are the
+        truth, so the choice matters only for sources with Bob. As the reference, the unsupervised methods
+        (ccs, crc) and the random baseline take their sign from the truth on a source that mixes both
+        characters.
     probe_options: per-method keyword arguments for the fit functions, e.g. {"ccs": {"n_epochs": 200}}.
+    fit_split / selection_split: the probes are fitted on the source's `fit_split` rows; each layer's
+        selection AUROC is measured on the source's `selection_split` rows against the labels the probe
+        learned (the reference picks its layer on the source distribution, against source labels).
+    layer_selection: "earliest_informative" (the reference: the first layer whose selection AUROC - 0.5
+        reaches informative_fraction of the best layer's) or "best" (the highest selection AUROC).
+    n_random_directions: directions in the random baseline; its auroc is their mean test AUROC and
+        auroc_lo / auroc_hi their 2.5% and 97.5% quantiles (spread over directions, not a bootstrap).
 
-    Each probe is fitted once per (layer, method, source subset) on the source's train-split rows and
-    scored on the target's test-split rows. Returns one row per (layer, method, transfer) with
-    n_train, n_test, auroc, auroc_lo, auroc_hi.
+    Each probe is fitted once per (layer, method, source subset) and scored on the target's test-split
+    rows. Returns one row per (layer, method, transfer) with n_train, n_test, auroc, auroc_lo, auroc_hi
+    (for every method but random a percentile-bootstrap 95% interval), interval, selection_auroc and
+    selected (True on the one reported layer of each method and transfer).
     """
     activations, contrast_activations = _check_activations(metadata, activations, contrast_activations)
     methods = _check_methods(methods, contrast_activations is not None)
@@ -315,9 +421,15 @@ def evaluate_transfers(
     for name in transfers:
         if name not in TRANSFERS:
             raise ValueError(f"unknown transfer {name!r}; allowed: {', '.join(TRANSFERS)}")
+    if layer_selection not in LAYER_SELECTIONS:
+        raise ValueError(f"layer_selection={layer_selection!r}; allowed: {', '.join(LAYER_SELECTIONS)}")
     _check_metadata(metadata, train_label_column)
-    train_labels = metadata[train_label_column].to_numpy().astype(int)
+    own_labels = metadata[train_label_column].to_numpy().astype(int)
     truth = metadata["truth_label"].to_numpy().astype(int)
+
+    def labels_for(method: str, source) -> np.ndarray:
+        mixed = source[0] is None
+        return truth if mixed and method in (*CONTRAST_METHODS, "random") else own_labels
 
     rows = []
     for layer in range(activations.shape[1]):
@@ -326,21 +438,55 @@ def evaluate_transfers(
             fitted: dict[tuple, LinearProbe | ContrastProbe] = {}
             for name in transfers:
                 source, target = TRANSFERS[name]
-                train = _subset(metadata, source, "train")
+                labels = labels_for(method, source)
+                fit_rows = _subset(metadata, source, fit_split)
+                select_rows = _subset(metadata, source, selection_split)
                 test = _subset(metadata, target, "test")
-                _require_both_classes(train_labels[train], f"{name}: train rows of source {source}")
+                _require_both_classes(labels[fit_rows], f"{name}: {fit_split} rows of source {source}")
+                _require_both_classes(labels[select_rows], f"{name}: {selection_split} rows of source {source}")
                 _require_both_classes(truth[test], f"{name}: test rows of target {target}")
-                if source not in fitted:
-                    fitted[source] = fit_probe(
-                        method, inputs[train], train_labels[train], seed=seed, **options.get(method, {})
+                if method == "random":
+                    # The same seeded directions (and signs, from the fit rows) scored on both sets.
+                    select_aurocs, test_aurocs = (
+                        random_direction_aurocs(inputs[fit_rows], labels[fit_rows], inputs[rows_], y_, n_random_directions, seed)
+                        for rows_, y_ in ((select_rows, labels[select_rows]), (test, truth[test]))
                     )
-                scores = fitted[source].score(inputs[test])
-                auroc, lo, hi = auroc_with_ci(scores, truth[test], n_boot=n_boot, seed=seed)
+                    auroc, (lo, hi) = float(test_aurocs.mean()), np.quantile(test_aurocs, [0.025, 0.975])
+                    selection, interval = float(select_aurocs.mean()), "random directions 2.5-97.5%"
+                else:
+                    if source not in fitted:
+                        fitted[source] = fit_probe(
+                            method, inputs[fit_rows], labels[fit_rows], seed=seed, **options.get(method, {})
+                        )
+                    selection = float(roc_auc_score(labels[select_rows], fitted[source].score(inputs[select_rows])))
+                    auroc, lo, hi = auroc_with_ci(fitted[source].score(inputs[test]), truth[test], n_boot=n_boot, seed=seed)
+                    interval = "bootstrap 95%"
                 rows.append(
-                    {"layer": layer, "method": method, "transfer": name, "n_train": int(train.sum()),
-                     "n_test": int(test.sum()), "auroc": auroc, "auroc_lo": lo, "auroc_hi": hi}
+                    {"layer": layer, "method": method, "transfer": name, "n_train": int(fit_rows.sum()),
+                     "n_test": int(test.sum()), "auroc": auroc, "auroc_lo": float(lo), "auroc_hi": float(hi),
+                     "interval": interval, "selection_auroc": selection}
                 )  # fmt: skip
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table["selected"] = False
+    for _, group in table.groupby(["method", "transfer"]):
+        chosen = select_layer(group["selection_auroc"].to_numpy(), layer_selection, informative_fraction)
+        table.loc[group.index[chosen], "selected"] = True
+    return table
+
+
+def select_layer(selection_aurocs, rule: str = "earliest_informative", informative_fraction: float = 0.95) -> int:
+    """Position of the reported layer among per-layer selection AUROCs. "best": the highest;
+    "earliest_informative" (Mallen et al.): the first whose AUROC - 0.5 reaches informative_fraction of
+    the highest AUROC - 0.5, or the middle layer when no layer is above chance."""
+    aurocs = np.asarray(selection_aurocs, dtype=float)
+    if rule == "best":
+        return int(np.argmax(aurocs))
+    if rule != "earliest_informative":
+        raise ValueError(f"layer_selection={rule!r}; allowed: {', '.join(LAYER_SELECTIONS)}")
+    top = aurocs.max()
+    if top <= 0.5:
+        return len(aurocs) // 2
+    return int(np.flatnonzero(aurocs - 0.5 >= informative_fraction * (top - 0.5))[0])
 
 
 def anomaly_detection_auroc(
@@ -407,21 +553,6 @@ def anomaly_detection_auroc(
 
 
 # ----- helpers ---------------------------------------------------------------------------------
-
-
-def _orient(probe: ContrastProbe, pairs: np.ndarray, y) -> ContrastProbe:
-    """Flip an unsupervised probe so its training AUROC is >= 0.5 (only when labels are given)."""
-    if y is None:
-        return probe
-    y = _as_labels(y, len(pairs))
-    _require_both_classes(y, f"labels for orienting the {probe.method} probe")
-    if roc_auc_score(y, probe.score(pairs)) < 0.5:
-        probe.weight = -probe.weight
-    return probe
-
-
-def _pair_differences(pairs: np.ndarray, center_false: np.ndarray, center_true: np.ndarray) -> np.ndarray:
-    return (pairs[:, 1] - center_true) - (pairs[:, 0] - center_false)
 
 
 def _as_matrix(X, name: str) -> np.ndarray:

@@ -33,14 +33,18 @@ pairs, _ = stacked(sm.input.pairs, [f"{row_id}|{answer}" for row_id in table["id
 pairs = pairs.reshape(len(table), 2, len(layers), -1).transpose(0, 2, 1, 3)  # (N, L, 2, D): " False", " True"
 options = {"ccs": settings["ccs"]}
 train_label_column = {"truth": "truth_label", "character": "label"}[settings["train_labels"]]
-auroc = evaluate_transfers(table, statements, pairs, methods=settings["methods"], transfers=settings["transfers"],
-                           train_label_column=train_label_column,
-                           n_boot=settings["n_boot"], seed=sm.params.seed, probe_options=options)
+auroc = evaluate_transfers(
+    table, statements, pairs, methods=settings["methods"], transfers=settings["transfers"],
+    train_label_column=train_label_column, n_boot=settings["n_boot"], seed=sm.params.seed, probe_options=options,
+    fit_split=settings["fit_split"], selection_split=settings["selection_split"],
+    layer_selection=settings["layer_selection"], informative_fraction=settings["informative_fraction"],
+    n_random_directions=settings["random_directions"],
+)
 anomaly = anomaly_detection_auroc(table, statements, pairs, methods=settings["anomaly_methods"],
                                   n_boot=settings["n_boot"], seed=sm.params.seed, probe_options=options)
 auroc["layer"] = np.asarray(layers)[auroc["layer"].to_numpy()]  # block index, not position in the file
 for frame, path in ((auroc, sm.output.auroc), (anomaly, sm.output.anomaly)):
     with atomic_path(path) as tmp:
         frame.assign(model=sm.wildcards.base, dataset=sm.wildcards.dataset).to_csv(tmp, index=False)
-best = auroc.sort_values("auroc").groupby(["transfer", "method"]).tail(1).sort_values(["transfer", "method"])
-log.info("best layer per transfer and method:\n%s\nanomaly detection:\n%s", best.to_string(), anomaly.to_string())
+selected = auroc[auroc["selected"]].sort_values(["transfer", "method"])
+log.info("layer chosen on the %s split per transfer and method:\n%s\nanomaly detection:\n%s", settings["selection_split"], selected.to_string(), anomaly.to_string())
