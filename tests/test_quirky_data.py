@@ -314,7 +314,7 @@ def test_published_problem_in_two_splits_is_kept_in_the_first_only(tmp_path, cap
     splits["test"] = pd.concat([splits["test"], leaked], ignore_index=True)
     with caplog.at_level("WARNING"):
         loaded = quirky_data.from_published(splits, "addition", 80)
-    assert "'test': 1 problem(s) also in an earlier split are left out" in caplog.text
+    assert "'test': 1 equation(s) also in an earlier split are left out" in caplog.text
     by_problem = loaded.groupby(["a", "b"])["split"].nunique()
     assert by_problem.max() == 1
     a, b = leaked["template_args"].iloc[0]["op1"], leaked["template_args"].iloc[0]["op2"]
@@ -340,3 +340,50 @@ def test_published_dataset_errors_name_what_is_wrong(tmp_path):
     (tmp_path / "pub" / "test.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="test.parquet"):
         quirky_data.load_published({"local": str(tmp_path / "pub")})
+
+
+def reference_shaped_split(rng, n_pairs: int, repeats: int) -> pd.DataFrame:
+    """Rows as the reference generator publishes them: each cell of the (Alice, Bob) cross-tabulation
+    sampled on its own, so the first `repeats` operand pairs come back in a second equation with another
+    claim; one Alice and one Bob row per equation, template_args holding the operands and the claim."""
+    records = []
+    pairs = [(int(x), int(y)) for x, y in rng.integers(10, 999, size=(n_pairs, 2))]
+    cells = [index % 3 for index in range(n_pairs)]
+    cells += [(cell + 1) % 3 for cell in cells[:repeats]]  # a repeated pair lands in another cell
+    for (x, y), cell in zip(pairs + pairs[:repeats], cells):
+        truth, bob = x + y, quirky_data.bob_result(x + y)
+        claim = [truth, bob, truth + 3 if truth + 3 != bob else truth + 4][cell]
+        for character in ("Alice", "Bob"):
+            records.append({
+                "template_args": {"character": character, "op1": x, "op2": y, "result": claim},
+                "character": character, "alice_label": claim == truth, "bob_label": claim == bob,
+                "label": claim == (truth if character == "Alice" else bob), "difficulty": min(x, y),
+            })  # fmt: skip
+    return pd.DataFrame(records)
+
+
+def test_published_dataset_in_the_reference_shape_keys_rows_by_equation(tmp_path):
+    """The reference's data repeats operand pairs across equations and puts most rows in train: every
+    equation comes back with its Alice and Bob rows and labels; the former pair key refused such data."""
+    rng = np.random.default_rng(0)
+    splits = {"train": reference_shaped_split(rng, 120, 30), "validation": reference_shaped_split(rng, 20, 5),
+              "test": reference_shaped_split(rng, 20, 5)}  # fmt: skip
+    folder = tmp_path / "pub"
+    folder.mkdir()
+    for split, frame in splits.items():
+        frame.to_parquet(folder / f"{split}.parquet", index=False)
+    equations = {split: len(frame) // 2 for split, frame in splits.items()}
+    loaded = quirky_data.from_published(quirky_data.load_published({"local": str(folder)}), "addition", sum(equations.values()))
+    assert loaded.groupby("split")["problem_id"].nunique().to_dict() == equations
+    assert (loaded.groupby("problem_id")["character"].apply(sorted).map(tuple) == ("Alice", "Bob")).all()
+    train = loaded[loaded["split"] == "train"]
+    assert train.groupby(["a", "b"])["claimed"].nunique().max() == 2  # a pair in two equations
+    truth = loaded["a"] + loaded["b"]
+    assert (loaded["truth_label"] == (loaded["claimed"] == truth)).all()
+    assert (loaded.loc[loaded.character == "Bob", "label"] == (loaded["claimed"] == loaded["bob_result"])[loaded.character == "Bob"]).all()
+
+
+def test_published_equation_without_its_alice_row_is_refused(tmp_path):
+    split = reference_shaped_split(np.random.default_rng(1), 20, 0)
+    with pytest.raises(ValueError, match=r"equation .* has 0 Alice and 1 Bob row\(s\)"):
+        quirky_data.from_published({"train": split.iloc[1:], "validation": split, "test": split}, "addition", 10)

@@ -204,6 +204,8 @@ def load_published(source: dict) -> dict[str, pd.DataFrame]:
 def from_published(splits: dict[str, pd.DataFrame], operation: str, n_problems: int, seed: int = 0) -> pd.DataFrame:
     """A published dataset's rows in this project's columns (COLUMNS), about n_problems problems in all.
 
+    A problem here is one published equation (op1, op2, result), shown to Alice and to Bob; the same
+    operands may come back in other equations with other claims, as in the reference's data.
     Problems keep their published split; each split contributes round(n_problems * its share of the
     dataset's problems), chosen with the seed. The statement is written with TEMPLATE, so prompts match
     generated datasets. Every row's labels are checked against this project's rules (Alice: the truth
@@ -221,11 +223,11 @@ def from_published(splits: dict[str, pd.DataFrame], operation: str, n_problems: 
     chosen, earlier = [], set()
     for split in SPLITS:
         frame = frames[split]
-        # A problem published in an earlier split too is left out here, so the splits stay disjoint.
+        # An equation published in an earlier split too is left out here, so the splits stay disjoint.
         problems = frame["problem"].drop_duplicates()
         shared = problems.isin(earlier)
         if shared.any():
-            log.warning("published split %r: %d problem(s) also in an earlier split are left out", split, int(shared.sum()))
+            log.warning("published split %r: %d equation(s) also in an earlier split are left out", split, int(shared.sum()))
         problems = problems[~shared].to_numpy()
         earlier.update(problems.tolist())
         take = int(round(n_problems * sizes[split] / total))
@@ -296,14 +298,21 @@ def _published_rows(frame: pd.DataFrame, split: str) -> pd.DataFrame:
     bad = sorted(set(frame["character"]) - set(CHARACTERS))
     if bad:
         raise ValueError(f"published split {split!r} has character(s) {bad}; allowed: {', '.join(CHARACTERS)}")
-    frame = frame.assign(problem=[f"{x},{y}" for x, y in zip(frame["op1"], frame["op2"])])
-    counts = frame.groupby("problem")["character"].agg(lambda c: tuple(sorted(c)))
-    odd = counts[counts != tuple(sorted(CHARACTERS))]
+    # Key by equation, not by operand pair: the reference samples each cell of its cross-tabulation on
+    # its own, so one (op1, op2) can appear with several claims in a split.
+    frame = frame.assign(problem=[f"{x},{y},{r}" for x, y, r in zip(frame["op1"], frame["op2"], frame["result"])])
+    per_character = frame.groupby(["problem", "character"]).size().unstack(fill_value=0).reindex(columns=list(CHARACTERS), fill_value=0)
+    odd = per_character[(per_character["Alice"] != per_character["Bob"]) | (per_character.min(axis=1) == 0)]
     if len(odd):
+        first = odd.iloc[0]
         raise ValueError(
-            f"published split {split!r}: problem {odd.index[0]} has rows {odd.iloc[0]}; need exactly one Alice "
-            f"and one Bob row per problem ({len(odd)} problems differ)"
+            f"published split {split!r}: equation {odd.index[0]} (op1,op2,result) has {first['Alice']} Alice and "
+            f"{first['Bob']} Bob row(s); need one of each per equation ({len(odd)} equations differ)"
         )
+    repeated = int((per_character["Alice"] > 1).sum())
+    if repeated:  # two distractor cells can draw the same claim for the same operands
+        log.warning("published split %r: %d equation(s) published more than once are kept once", split, repeated)
+        frame = frame.drop_duplicates(["problem", "character"])
     return frame
 
 
