@@ -17,9 +17,9 @@ through .npy/.json files in a temporary directory:
     float32, on the same positions as ours (every position but each sequence's last).
 
 Layers: the package translates the embeddings (its idx 0) and the outputs of blocks 0..n-2 (its
-idx 1..n-1); the last block has no translator, its output *is* the model's. Ours is trained with
-include_input=True, so it has the same ones plus a translator for block n-1. Per-layer lines cover
-all of them; means are over the layers both have (embeddings + blocks 0..n-2).
+idx 1..n-1); the last block has no translator, its output *is* the model's. Ours has the same
+translators (TunedLens with include_input=True) and reads the last block's output with none. Per-layer
+lines cover all of them; means are over the translated ones (embeddings + blocks 0..n-2).
 
 Output: one JSON line per layer, one per training step (seconds, loss of each side), and a last
 line summarizing mean KL over layers and seconds per step of each side, with their ratios.
@@ -320,12 +320,12 @@ def main() -> None:
             "ours_logit_kl": round(float(ours["logit"][layer]), 5) + 0.0,
             "package_logit_kl": round(package["kl_logit"][j], 5) if in_package else None,
             "package_tuned_kl_all_positions": round(package["kl_tuned_all_positions"][j], 5) if in_package else None,
-            **({} if in_package else {"note": "package: no translator, this stream is the model's output (KL 0)"}),
+            **({} if in_package else {"note": "no translator on either side: this stream is the model's output (KL 0)"}),
         })  # fmt: skip
     for step, (ours_s, package_s) in enumerate(zip(ours_steps, package["step_seconds"]), start=1):
         emit({
             "step": step, "ours_s": round(ours_s, 3), "package_s": round(package_s, 3),
-            # ours: KL summed over its 31 translators; package: over its 30 (no last block)
+            # both: KL summed over the translators (embeddings + blocks 0..n-2)
             "ours_loss": round(history[step - 1]["loss"], 5), "package_loss": round(package["losses"][step - 1], 5),
         })  # fmt: skip
 

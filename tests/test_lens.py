@@ -28,6 +28,8 @@ from workflow_scripts.lens import (
     python_reference_texts,
     read_text_files,
     save_lens,
+    sequence_length,
+    stream_name,
     train_lens,
 )
 
@@ -140,10 +142,9 @@ def test_zero_translators_are_the_logit_lens_and_last_layer_is_the_model(adapter
     token_ids = torch.as_tensor(train[:2], dtype=torch.long)
     streams, logits = collect_streams(adapter, token_ids, include_input=True)
     lens = TunedLens(adapter, include_input=True)
-    assert lens.layers == [INPUT_LAYER, *range(adapter.n_layers)]
     size = adapter.hidden_size
     assert sum(p.numel() for p in lens.parameters()) == len(lens.layers) * (size + 1) * size  # no model weights
-    for layer in lens.layers:
+    for layer in lens.streams:
         assert torch.equal(lens(streams[layer], layer), logit_lens(adapter, streams[layer]))
     # What block 0 receives is the token embedding, for every family.
     torch.testing.assert_close(streams[INPUT_LAYER], adapter.model.get_input_embeddings()(token_ids), rtol=0, atol=0)
@@ -152,6 +153,109 @@ def test_zero_translators_are_the_logit_lens_and_last_layer_is_the_model(adapter
     torch.testing.assert_close(last, logits, rtol=0, atol=1e-5)
     assert kl_from_final(logits.log_softmax(-1), last).item() < 1e-6
     assert kl_from_final(logits.log_softmax(-1), logit_lens(adapter, streams[0])).item() > 1e-4
+
+
+def decode_by_hand(adapter, hidden):
+    """The model's own output head, found by name per family here (not through the adapter): final
+    norm, then unembedding. RWKV in eval mode halves its stream after every rescale_every blocks
+    before the final norm, so a stream in training units is halved as many times first."""
+    model, config = adapter.model, adapter.model.config
+    if adapter.family == "rwkv":
+        halvings = sum((block + 1) % config.rescale_every == 0 for block in range(config.num_hidden_layers))
+        return model.head(model.rwkv.ln_out(hidden / 2**halvings))
+    norm = model.backbone.norm_f if adapter.family == "mamba" else model.model.norm
+    return model.lm_head(norm(hidden))
+
+
+@torch.no_grad()
+def test_default_lens_reads_the_embeddings_like_the_tuned_lens_package(adapter, corpora):
+    n = adapter.n_layers
+    lens = TunedLens(adapter)  # as the train_tuned_lens rule builds it
+    assert lens.streams == [INPUT_LAYER, *range(n)]
+    assert lens.layers == [INPUT_LAYER, *range(n - 1)]  # the package's translators: embeddings, blocks 0..n-2
+    assert [stream_name(layer, n) for layer in (INPUT_LAYER, 0, n - 1)] == [
+        "embeddings", "block 0", f"block {n - 1} (model output)"]  # fmt: skip
+
+    _, evaluation = corpora[adapter.info["name"]]
+    token_ids = torch.as_tensor(evaluation[:2], dtype=torch.long)
+    streams, _ = collect_streams(adapter, token_ids)
+    # Zero translators on the embedding stream = the model's final norm and unembedding applied by
+    # hand to its input embeddings.
+    expected = decode_by_hand(adapter, adapter.model.get_input_embeddings()(token_ids))
+    torch.testing.assert_close(lens(streams[INPUT_LAYER], INPUT_LAYER), expected, rtol=1e-5, atol=1e-5)
+
+    # The evaluation table has that stream, labelled, at depth 0, with the CE of those logits.
+    frame = evaluate_lenses(adapter, evaluation[:2], lens, batch_size=2)
+    rows = frame[frame.stream == "embeddings"].set_index("lens")
+    assert sorted(rows.index) == ["logit", "tuned"] and set(rows.layer) == {INPUT_LAYER} and set(rows.depth) == {0.0}
+    targets = token_ids[:, 1:].flatten()
+    ce_by_hand = torch.nn.functional.cross_entropy(expected[:, :-1].flatten(0, 1).double(), targets).item()
+    np.testing.assert_allclose(rows.ce_nats.to_numpy(), ce_by_hand, rtol=1e-5)
+    assert set(frame.stream) == {stream_name(layer, n) for layer in lens.streams}
+
+
+def test_figures_label_the_embeddings(adapters, corpora, monkeypatch):
+    from workflow_scripts import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save", lambda figure, path: drawn.append(figure))
+    adapter = adapters["llama-tiny"]
+    n = adapter.n_layers
+    trajectory = prediction_trajectory(adapter, adapter.encode("The cat sat."), TunedLens(adapter))
+    figures.plot_trajectory(trajectory.assign(model="llama-tiny"), "trajectory.png")
+    for axis in drawn[0].axes[:2]:  # logit and tuned heatmaps, rows from the last block down
+        labels = [label.get_text() for label in axis.get_yticklabels()]
+        assert labels == [stream_name(layer, n) for layer in reversed(range(-1, n))]
+        assert labels[-1] == "embeddings"
+
+    _, evaluation = corpora["llama-tiny"]
+    frame = evaluate_lenses(adapter, evaluation[:2], TunedLens(adapter), batch_size=2, model_name="llama-tiny")
+    figures.plot_lens_depth(frame, {"logit": "logit.png", "tuned": "tuned.png"})
+    for figure in drawn[1:]:
+        assert "embeddings" in [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+
+
+def test_sequence_length_follows_the_tokenizer_limit_as_the_package_does():
+    assert sequence_length(2048, 1024) == 1024
+    assert sequence_length(2048, int(1e30)) == 2048  # transformers' "no limit" sentinel
+    assert sequence_length(64, None) == 64
+
+
+PAPER_LENS_HUB_PREFIXES = ("state-spaces/mamba-", "RWKV/rwkv-4-", "EleutherAI/pythia-")  # PAPER.md section 2
+
+
+def test_paper_config_has_the_paper_lens_settings():
+    import copy
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from workflow_scripts.configuration import ConfigError, check_config
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/paper.yaml").read_text())
+    config = check_config(raw)
+    lens = config["lens"]
+    source = lens["corpus"]["source"]["hf_dataset"]
+    assert "pile" in source["name"].lower() and source["split"] == "validation"
+    assert re.fullmatch(r"[0-9a-f]{40}", source["revision"])
+    assert lens["corpus"]["seq_len"] == 2048
+    training = lens["training"]
+    assert (training["steps"], training["tokens_per_step"]) == (250, 2**18)
+    assert lens["corpus"]["train_tokens"] >= 250 * 2**18  # enough text that no sequence is trained on twice
+    assert (training["lr_scale"], training["momentum"], training["weight_decay"]) == (1.0, 0.9, 1e-3)
+    assert (training["warmup_steps"], training["max_grad_norm"]) == (0, 1.0)
+    assert lens["corpus"]["eval_tokens"] == 61 * 8 * 2048  # what the authors' result files scored
+    # The paper's base models of the three families, and no chat model.
+    hub_ids = [config["models"][name]["source"]["hub"]["id"] for name in lens["models"]]
+    assert all(hub_id.startswith(PAPER_LENS_HUB_PREFIXES) for hub_id in hub_ids)
+    assert {prefix for prefix in PAPER_LENS_HUB_PREFIXES if any(i.startswith(prefix) for i in hub_ids)} == set(
+        PAPER_LENS_HUB_PREFIXES)  # fmt: skip
+
+    unpinned = copy.deepcopy(raw)
+    unpinned["lens"]["corpus"]["source"]["hf_dataset"]["revision"] = "main"
+    with pytest.raises(ConfigError, match="revision"):
+        check_config(unpinned)
 
 
 # ----- training ------------------------------------------------------------------------------------
@@ -168,6 +272,9 @@ def test_training_reduces_kl_and_keeps_the_model_frozen(adapter, corpora):
     history = train_lens(adapter, lens, train, steps=8, tokens_per_step=4 * SEQ_LEN, batch_size=2, progress=False)
     assert [record["step"] for record in history] == list(range(1, 9))
     assert history[-1]["lr"] == pytest.approx(0.1 / 8)  # linear decay: the last step uses 1/steps of lr
+    # The embeddings are trained like every other stream (one KL term each); the last block is not.
+    assert len(history[-1]["kl_per_layer"]) == adapter.n_layers and history[0]["kl_per_layer"][0] > 0
+    assert lens.translators[lens.index_of(INPUT_LAYER)].weight.abs().sum() > 0
     frame = evaluate_lenses(adapter, evaluation, lens, batch_size=2)
     # Held-out KL, same tokens for both lenses (per-step training losses differ by batch).
     assert mean_kl(frame, "tuned") < mean_kl(frame, "logit")
@@ -221,13 +328,18 @@ def test_save_and_load(adapters, corpora, tmp_path):
     path = tmp_path / "lens.safetensors"
     save_lens(lens, path, extra={"corpus": "pydoc_data"})
     settings = json.loads(path.with_suffix(".json").read_text())
-    assert settings["corpus"] == "pydoc_data" and settings["steps"] == 2 and settings["layers"] == [-1, 0, 1, 2]
+    # Three blocks: translators for the embeddings and blocks 0, 1; block 2's output is the model's.
+    assert settings["corpus"] == "pydoc_data" and settings["steps"] == 2 and settings["layers"] == [-1, 0, 1]
     loaded = load_lens(adapter, path)
     hidden = torch.randn(3, adapter.hidden_size)
-    for layer in lens.layers:
+    for layer in lens.streams:
         assert torch.equal(loaded(hidden, layer), lens(hidden, layer))
     with pytest.raises(ValueError, match="n_layers=3"):
         load_lens(adapters["rwkv-tiny"], path)
+    # A lens written with a translator for the last block too (before this layout) is refused by name.
+    path.with_suffix(".json").write_text(json.dumps({**settings, "layers": [-1, 0, 1, 2]}))
+    with pytest.raises(ValueError, match="train it again"):
+        load_lens(adapter, path)
 
 
 # ----- evaluation ----------------------------------------------------------------------------------
@@ -256,8 +368,9 @@ def test_prediction_trajectory(adapters):
     adapter = adapters["llama-tiny"]
     tokens = adapter.encode("The cat sat on the mat.")
     frame = prediction_trajectory(adapter, tokens, TunedLens(adapter))
-    assert len(frame) == 2 * adapter.n_layers * (len(tokens) - 1)
-    assert set(frame.columns) >= {"lens", "layer", "position", "input_token", "top1_token", "ce_nats"}
+    assert len(frame) == 2 * (adapter.n_layers + 1) * (len(tokens) - 1)  # the embeddings are a row too
+    assert set(frame.columns) >= {"lens", "layer", "stream", "position", "input_token", "top1_token", "ce_nats"}
+    assert set(frame[frame.layer == INPUT_LAYER].stream) == {"embeddings"}
 
 
 def test_lens_module_has_no_architecture_names():

@@ -19,6 +19,10 @@ from workflow_scripts.model_sources import LoadedModel
 # What LoRA adapts in each block: the attention (time-mixing) projections, or every linear layer.
 LORA_SCOPES = ("attention", "all")
 
+# The layer index of the stream block 0 receives: the token embeddings, after whatever the model does
+# to them before its first block. The tuned-lens package counts it as its layer 0.
+EMBEDDINGS = -1
+
 
 def check_lora_scope(scope: str) -> None:
     if scope not in LORA_SCOPES:
@@ -200,8 +204,9 @@ class ModelAdapter:
         return getattr(out, "past_key_values", None)
 
     def residual_stream(self, batch: TokenBatch, positions: torch.Tensor, layers: list[int] | None = None):
-        """Residual stream after each block at the given (B, P) absolute positions.
-        Returns (n_selected_layers, B, P, D) and the logits at those positions."""
+        """Residual stream after each block at the given (B, P) absolute positions; `layers` may also
+        name EMBEDDINGS, the stream block 0 receives. Returns (n_selected_layers, B, P, D) and the
+        logits at those positions."""
         layers = list(range(self.n_layers)) if layers is None else layers
         captured: dict[int, torch.Tensor] = {}
         rows = torch.arange(positions.shape[0], device=self.device)[:, None]
@@ -214,7 +219,17 @@ class ModelAdapter:
 
             return read
 
-        handles = [self.blocks[layer].register_forward_hook(make_reader(layer)) for layer in layers]
+        def read_embeddings(_module, args, kwargs):
+            # Block 0's input, read where every family has it: no rescaling precedes the first block.
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[EMBEDDINGS] = hidden[rows, pos].detach()
+
+        handles = [
+            self.blocks[0].register_forward_pre_hook(read_embeddings, with_kwargs=True)
+            if layer == EMBEDDINGS
+            else self.blocks[layer].register_forward_hook(make_reader(layer))
+            for layer in layers
+        ]
         try:
             logits, _ = self.forward(batch.input_ids, batch.attention_mask)
         finally:

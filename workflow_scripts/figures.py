@@ -103,22 +103,35 @@ def plot_steering(sweep: pd.DataFrame, paths: dict) -> None:
 # ----- lenses --------------------------------------------------------------------------------------
 def plot_lens_depth(evaluation: pd.DataFrame, paths: dict) -> None:
     """paths: logit, tuned -> PNG paths. Cross-entropy (bits per byte) against normalised depth, one
-    line per model (paper figures a and b)."""
+    line per model (paper figures a and b). The embeddings (depth 0, the tuned-lens package's layer
+    0) get their own marker, so they can be told from block outputs when comparing with the paper."""
     for lens_name, title in (("logit", "Logit lens"), ("tuned", "Tuned lens")):
         table = evaluation[evaluation.lens == lens_name]
+        models = list(dict.fromkeys(table.model))
+        colors = dict(zip(models, sns.color_palette(n_colors=len(models))))
         figure, axis = plt.subplots(figsize=(5, 3.5))
-        sns.lineplot(table, x="depth", y="ce_bits_per_byte", hue="model", marker="o", markersize=3, ax=axis)
-        axis.set(title=title, xlabel="depth (block / number of blocks)", ylabel="cross-entropy (bits per byte)",
-                 yscale="log")
+        sns.lineplot(table, x="depth", y="ce_bits_per_byte", hue="model", palette=colors, marker="o", markersize=3,
+                     ax=axis)
+        embeddings = table[table.stream == "embeddings"]
+        for model, row in embeddings.groupby("model"):
+            axis.scatter(row.depth, row.ce_bits_per_byte, marker="s", s=40, facecolors="none",
+                         edgecolors=[colors[model]], zorder=3)
+        if len(embeddings):
+            axis.scatter([], [], marker="s", facecolors="none", edgecolors="black", label="embeddings")
+            axis.legend(fontsize=7)
+        axis.set(title=title, xlabel="depth: 0 = embeddings, (block + 1) / blocks, 1 = model output",
+                 ylabel="cross-entropy (bits per byte)", yscale="log")
         save(figure, paths[lens_name])
 
 
 def plot_trajectory(trajectory: pd.DataFrame, path) -> None:
-    """Prediction trajectory of one sentence (paper figure c): tokens x layers, colour = CE of the
-    next token, the lens's top-1 token written in each cell; logit and tuned lens side by side."""
+    """Prediction trajectory of one sentence (paper figure c): tokens x streams, colour = CE of the
+    next token, the lens's top-1 token written in each cell; logit and tuned lens side by side.
+    Rows are labelled by stream ("embeddings", "block k")."""
     lenses = [name for name in ("logit", "tuned") if name in set(trajectory.lens)]
     n_positions = trajectory.position.nunique()
     n_layers = trajectory.layer.nunique()
+    names = trajectory.drop_duplicates("layer").set_index("layer").stream
     figure, axes = plt.subplots(1, len(lenses), figsize=(0.5 * n_positions * len(lenses) + 2, 0.3 * n_layers + 2),
                                 squeeze=False)
     vmax = trajectory.ce_nats.quantile(0.98)
@@ -128,9 +141,11 @@ def plot_trajectory(trajectory: pd.DataFrame, path) -> None:
         top = table.pivot(index="layer", columns="position", values="top1_token").reindex_like(ce)
         inputs = table.drop_duplicates("position").sort_values("position").input_token.tolist()
         sns.heatmap(ce, annot=top.map(lambda token: repr(token)[1:-1][:6]).to_numpy(), fmt="", cmap="viridis_r",
-                    vmin=0, vmax=vmax, annot_kws={"fontsize": 5}, cbar_kws={"label": "CE (nats)"}, ax=axis)
+                    vmin=0, vmax=vmax, annot_kws={"fontsize": 5}, cbar_kws={"label": "CE (nats)"},
+                    yticklabels=names.reindex(ce.index).tolist(), ax=axis)
         axis.set_xticklabels([repr(token)[1:-1][:8] for token in inputs], rotation=90, fontsize=6)
-        axis.set(title=f"{name} lens", xlabel="input token", ylabel="layer")
+        axis.tick_params(axis="y", labelsize=6, rotation=0)
+        axis.set(title=f"{name} lens", xlabel="input token", ylabel="stream")
     figure.suptitle(trajectory.model.iloc[0])
     save(figure, path)
 

@@ -1,9 +1,11 @@
 """Tuned lens and logit lens (PAPER section 2): corpus, training, evaluation.
 
-Everything talks to the model through its `ModelAdapter`. A lens "layer" is a block index
-0..n_layers-1 (the residual stream after that block, as `adapter.residual_stream` reads it), plus
-optionally INPUT_LAYER (-1): what block 0 receives, i.e. the embeddings. The tuned-lens library
-counts the embeddings as its layer 0, so the paper's "layer 0" numbers most likely are that stream.
+Everything talks to the model through its `ModelAdapter`. A lens "layer" names a stream: a block
+index 0..n_layers-1 (the residual stream after that block, as `adapter.residual_stream` reads it),
+or INPUT_LAYER (-1): what block 0 receives, i.e. the embeddings. As in the tuned-lens package, the
+lensed streams are the embeddings (its layer 0) and the outputs of blocks 0..n_layers-2, each with
+a translator; the last block's output is the model's own prediction, so it is evaluated (as the
+reference point where both lenses are exact) but has no translator.
 
 Lens output = adapter.final_norm then adapter.unembed, the model's parameters frozen. The tuned
 lens puts one affine translator `h + W h + b` (W, b zero-initialised) before that; the logit lens
@@ -30,12 +32,12 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from workflow_scripts import CODE_VERSION
-from workflow_scripts.adapters import ModelAdapter
+from workflow_scripts.adapters import EMBEDDINGS, ModelAdapter
 from workflow_scripts.atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-INPUT_LAYER = -1  # the embeddings: what block 0 receives
+INPUT_LAYER = EMBEDDINGS  # the embeddings: what block 0 receives
 LN2 = math.log(2.0)
 
 
@@ -93,6 +95,14 @@ def load_hf_texts(
             yield row[text_column]
 
     return documents()
+
+
+def sequence_length(requested: int, tokenizer_max_length: int | None) -> int:
+    """Tokens per corpus sequence: `requested`, or the tokenizer's model_max_length where that is
+    smaller, as the tuned-lens package chunks its data (min(model_max_length, max_seq_len))."""
+    if tokenizer_max_length is None or tokenizer_max_length <= 0:
+        return requested
+    return min(requested, int(tokenizer_max_length))
 
 
 def build_corpus(
@@ -175,16 +185,36 @@ def logit_lens(adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
     return decode_hidden(adapter, hidden)
 
 
-class TunedLens(nn.Module):
-    """One affine translator per lens layer, applied as h + W h + b before the model's output head.
-    W and b start at zero, so an untrained tuned lens is exactly the logit lens. The adapter is kept
-    as a plain attribute: the model's parameters are not part of this module (nor its state_dict)."""
+def lens_streams(n_layers: int, include_input: bool = True) -> list[int]:
+    """The streams a lens reads, in depth order: the embeddings (when included), then every block."""
+    return ([INPUT_LAYER] if include_input else []) + list(range(n_layers))
 
-    def __init__(self, adapter: ModelAdapter, include_input: bool = False):
+
+def stream_name(layer: int, n_layers: int) -> str:
+    """A label a reader can match with the paper's figures: 'embeddings' (the tuned-lens package's
+    layer 0), 'block k' (the residual stream after block k), the last block marked as the model's
+    own output."""
+    if layer == INPUT_LAYER:
+        return "embeddings"
+    return f"block {layer} (model output)" if layer == n_layers - 1 else f"block {layer}"
+
+
+class TunedLens(nn.Module):
+    """One affine translator per lensed stream, applied as h + W h + b before the model's output
+    head. W and b start at zero, so an untrained tuned lens is exactly the logit lens. `streams` are
+    what the lens reads (the embeddings when include_input, then every block); `layers` are those
+    with a translator: all but the last block, whose output the model itself decodes (the
+    tuned-lens package has no translator there either; its KL to the final layer is 0 already).
+    The adapter is kept as a plain attribute: the model's parameters are not part of this module
+    (nor its state_dict)."""
+
+    def __init__(self, adapter: ModelAdapter, include_input: bool = True):
         super().__init__()
         self.adapter = adapter
         self.include_input = include_input
-        self.layers = ([INPUT_LAYER] if include_input else []) + list(range(adapter.n_layers))
+        self.streams = lens_streams(adapter.n_layers, include_input)
+        self.output_layer = adapter.n_layers - 1
+        self.layers = [layer for layer in self.streams if layer != self.output_layer]
         size = adapter.hidden_size
         # float32 whatever the model's dtype: SGD steps of lr ~0.1 would be lost in bf16 rounding.
         self.translators = nn.ModuleList(nn.Linear(size, size) for _ in self.layers)
@@ -200,6 +230,8 @@ class TunedLens(nn.Module):
         return self.layers.index(layer)
 
     def translate(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        if layer == self.output_layer:
+            return hidden  # the model's own output: the identity, as in the tuned-lens package
         translator = self.translators[self.index_of(layer)]
         hidden32 = hidden.float()
         return (hidden32 + translator(hidden32)).to(hidden.dtype)
@@ -209,27 +241,16 @@ class TunedLens(nn.Module):
         return decode_hidden(self.adapter, self.translate(hidden, layer))
 
 
-def collect_streams(adapter: ModelAdapter, token_ids: torch.Tensor, include_input: bool = False):
+def collect_streams(adapter: ModelAdapter, token_ids: torch.Tensor, include_input: bool = True):
     """Residual streams at every position of equal-length rows (B, T) of token ids.
-    Returns (streams, logits): streams maps lens layer -> (B, T, D) tensor, logits are the model's."""
+    Returns (streams, logits): streams maps lens layer -> (B, T, D) tensor (the embeddings under
+    INPUT_LAYER when include_input), logits are the model's."""
     batch = adapter.batch([row.tolist() for row in token_ids])
     positions = torch.arange(token_ids.shape[1])[None, :].expand(token_ids.shape[0], -1)
-    captured = {}
-
-    def read_input(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        captured[INPUT_LAYER] = hidden.detach()
-
-    handle = adapter.blocks[0].register_forward_pre_hook(read_input, with_kwargs=True) if include_input else None
-    try:
-        with torch.no_grad():
-            stream, logits = adapter.residual_stream(batch, positions.to(adapter.device))
-    finally:
-        if handle is not None:
-            handle.remove()
-    streams = dict(captured)
-    streams.update({layer: stream[layer] for layer in range(adapter.n_layers)})
-    return streams, logits
+    layers = lens_streams(adapter.n_layers, include_input)
+    with torch.no_grad():
+        stream, logits = adapter.residual_stream(batch, positions.to(adapter.device), layers)
+    return dict(zip(layers, stream)), logits
 
 
 def kl_from_final(final_logprobs: torch.Tensor, lens_logits: torch.Tensor) -> torch.Tensor:
@@ -434,6 +455,11 @@ def load_lens(adapter: ModelAdapter, weights_path: str | Path) -> TunedLens:
         if settings[key] != actual:
             raise ValueError(f"lens {weights_path} was trained with {key}={settings[key]}, but the model has {actual}")
     lens = TunedLens(adapter, include_input=settings["include_input"])
+    if settings["layers"] != lens.layers:  # e.g. written before the last block lost its translator
+        raise ValueError(
+            f"lens {weights_path} has translators for layers {settings['layers']}, but this code trains "
+            f"{lens.layers}; train it again"
+        )
     lens.translators.load_state_dict(load_file(str(weights_path), device=str(adapter.device)))
     lens.settings = settings
     return lens.eval()
@@ -456,17 +482,19 @@ def evaluate_lenses(
     and in bits per byte (nats / ln 2 * tokens / bytes). Every position but each sequence's last is
     scored, for all three. `n_bytes` is the UTF-8 size of the scored text; by default it is counted
     by decoding with the model's tokenizer (count_text_bytes). Returns a pandas DataFrame with one
-    row per (lens, layer); depth = (layer + 1) / n_layers, so the embeddings are at 0."""
+    row per (lens, layer): `stream` names it (stream_name: "embeddings", "block k"), depth =
+    (layer + 1) / n_layers puts the embeddings at 0 and the model's output at 1. By default the
+    embeddings are read whenever the tuned lens has them (or, with no tuned lens, always)."""
     import pandas as pd
 
     eval_tokens = np.asarray(eval_tokens)
     if eval_tokens.ndim != 2 or len(eval_tokens) == 0 or eval_tokens.shape[1] < 2:
         raise ValueError(f"eval_tokens must be a non-empty (N, seq_len >= 2) array, got shape {eval_tokens.shape}")
     if include_input is None:
-        include_input = lens.include_input if lens is not None else False
+        include_input = lens.include_input if lens is not None else True
     if lens is not None and include_input and not lens.include_input:
         raise ValueError("include_input=True but the tuned lens has no translator for the input embeddings")
-    layers = ([INPUT_LAYER] if include_input else []) + list(range(adapter.n_layers))
+    layers = lens_streams(adapter.n_layers, include_input)
     lenses = {"logit": lambda hidden, layer: logit_lens(adapter, hidden)}
     if lens is not None:
         lens.eval()
@@ -502,6 +530,7 @@ def evaluate_lenses(
                 "model": model_name if model_name is not None else adapter.info.get("name"),
                 "lens": name,
                 "layer": layer,
+                "stream": stream_name(layer, adapter.n_layers),
                 "depth": (layer + 1) / adapter.n_layers,
                 **means,
                 **{key.replace("_nats", "_bits_per_byte"): value * to_bits_per_byte for key, value in means.items()},
@@ -515,12 +544,13 @@ def evaluate_lenses(
 @torch.no_grad()
 def prediction_trajectory(adapter: ModelAdapter, token_ids: list[int], lens: TunedLens | None = None):
     """Per (position, layer, lens) for one sequence: the cross-entropy of the next token and the
-    lens's top-1 prediction, for a token x layer heatmap. Returns a pandas DataFrame."""
+    lens's top-1 prediction, for a token x layer heatmap; the embeddings are a row whenever the
+    tuned lens reads them (always with no tuned lens). Returns a pandas DataFrame."""
     import pandas as pd
 
     if len(token_ids) < 2:
         raise ValueError(f"need at least 2 tokens for a next-token trajectory, got {len(token_ids)}")
-    include_input = lens.include_input if lens is not None else False
+    include_input = lens.include_input if lens is not None else True
     ids = torch.tensor([token_ids], dtype=torch.long, device=adapter.device)
     streams, _ = collect_streams(adapter, ids, include_input)
     lenses = {"logit": lambda hidden, layer: logit_lens(adapter, hidden)}
@@ -537,6 +567,7 @@ def prediction_trajectory(adapter: ModelAdapter, token_ids: list[int], lens: Tun
                     {
                         "lens": name,
                         "layer": layer,
+                        "stream": stream_name(layer, adapter.n_layers),
                         "position": position,
                         "input_token": adapter.tokenizer.decode([token_ids[position]]),
                         "target_token": adapter.tokenizer.decode([token_ids[position + 1]]),

@@ -21,4 +21,4 @@ with atomic_path(sm.output.evaluation) as tmp:
 trajectory = prediction_trajectory(adapter, adapter.encode(sm.params.sample_text), lens)
 with atomic_path(sm.output.trajectory) as tmp:  # Parquet: decoded tokens may hold any character
     trajectory.assign(model=sm.wildcards.model).to_parquet(tmp, index=False)
-log.info("\n%s", table[["lens", "layer", "ce_nats", "kl_nats", "ce_bits_per_byte"]].to_string())
+log.info("\n%s", table[["lens", "stream", "ce_nats", "kl_nats", "ce_bits_per_byte"]].to_string())

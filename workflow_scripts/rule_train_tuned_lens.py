@@ -1,4 +1,5 @@
-"""Rule train_tuned_lens: one affine translator per block, trained to match the final layer (KL).
+"""Rule train_tuned_lens: one affine translator per lensed stream (the embeddings and blocks
+0..n-2, as in the tuned-lens package), trained to match the final layer (KL).
 Resumable: a checkpoint beside the output lets a killed job continue where it stopped."""
 
 from pathlib import Path
@@ -15,7 +16,7 @@ training = dict(sm.params.training)
 checkpoint_every = training.pop("checkpoint_every")
 adapter = load_adapter(sm.params.spec, sm.wildcards.model, Path(sm.input.manifest).parent / "weights")
 train_tokens = np.load(sm.input.corpus)["train"]
-lens = TunedLens(adapter)
+lens = TunedLens(adapter, include_input=True)
 checkpoint = Path(sm.output.weights).with_name("checkpoint.pt")
 history = train_lens(adapter, lens, train_tokens, seed=sm.params.seed, checkpoint_path=checkpoint,
                      checkpoint_every=checkpoint_every, **training)
