@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from workflow_scripts.configuration import ConfigError, check_config, finetuned_model_spec
+from workflow_scripts.configuration import ConfigError, check_config, finetuned_model_spec, steering_modes
 
 try:
     _checked = check_config(config)
@@ -107,8 +107,14 @@ def behavior_settings(wildcards):
 
 
 def steering_sweep_settings(wildcards):
-    keys = ("multipliers", "layers", "modes", "positions", "formats", "vectors")
-    return {key: config["steering"][key] for key in keys}
+    keys = ("multipliers", "layers", "positions", "formats", "vectors")
+    settings = {key: config["steering"][key] for key in keys}
+    return {**settings, "modes": steering_modes(config, wildcards.model)}
+
+
+def steers_state(wildcards):
+    """Whether the model's modes need state deltas (the adapter decides whether it has a state)."""
+    return bool({"state", "both"} & set(steering_modes(config, wildcards.model)))
 
 
 def steering_sweeps_of_model(wildcards):

@@ -29,6 +29,7 @@ rule compute_steering_vectors:
     params:
         spec=model_spec,
         batch_size=config["extraction"]["batch_size"],
+        state=steers_state,
     log:
         "logs/compute_steering_vectors/{model}/{behavior}.log",
     benchmark:

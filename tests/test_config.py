@@ -53,6 +53,12 @@ _DELETE = object()
         (("quirky", "datasets", "addition", "split_fractions"), [0.6, 0.3, 0.3],
          ["quirky.datasets.addition.split_fractions", "[0.6, 0.3, 0.3]", "add up to 1"]),
         (("quirky", "probes", "train_labels"), "bob", ["quirky.probes.train_labels", "'bob'", "truth", "character"]),
+        (("models", "rwkv-tiny", "trust_remote_code"), True,
+         ["steering.modes", "'state'", "model 'rwkv-tiny'", "cannot read", "allowed for it: ['residual']"]),
+        (("steering", "model_modes"), {"rwkv-tiny": ["residual"], "llama-tyni": ["residual"]},
+         ["steering.model_modes", "'llama-tyni'", "not a steered model", "rwkv-tiny"]),
+        (("steering", "model_modes"), {"rwkv-tiny": ["sideways"]}, ["steering.model_modes.rwkv-tiny.0", "'sideways'", "both"]),
+        (("extraction", "positions"), [0, -2], ["extraction.positions", "[0, -2]", "-1", "'last', 'all'"]),
     ],
 )
 def test_bad_values_are_named(path, value, expected):
@@ -80,3 +86,26 @@ def test_defaults_are_filled_and_input_untouched():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     check_config(yaml.safe_load(path.read_text()))
+
+
+def test_unreadable_state_is_refused_per_mode_and_model():
+    """A model whose adapter cannot read its state (an RWKV on its own code, as RWKV-5) may be steered
+    in the residual stream only; the other models keep every mode."""
+    config = with_change(("models", "rwkv-tiny", "trust_remote_code"), True)
+    config["steering"]["model_modes"] = {"rwkv-tiny": ["residual", "both"]}
+    with pytest.raises(ConfigError, match=r"steering.model_modes.rwkv-tiny has 'both' for model 'rwkv-tiny'"):
+        check_config(config)
+    config["steering"]["model_modes"] = {"rwkv-tiny": ["residual"]}
+    checked = check_config(config)
+    from workflow_scripts.configuration import steering_modes
+
+    assert steering_modes(checked, "rwkv-tiny") == ["residual"]
+    assert steering_modes(checked, "mamba-tiny") == ["residual", "state", "both"]
+
+
+def test_paper_config_steers_rwkv5_in_the_residual_stream_only():
+    checked = check_config(yaml.safe_load((REPO / "configs" / "paper.yaml").read_text()))
+    from workflow_scripts.configuration import steering_modes
+
+    assert steering_modes(checked, "hermes-rwkv-v5-7b") == ["residual"]
+    assert steering_modes(checked, "hermes-mamba-2.8b") == ["residual", "state", "both"]

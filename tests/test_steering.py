@@ -54,10 +54,10 @@ def vectors(tiny_adapters):
         deltas = None
         if adapter.has_recurrent_state:
             with torch.no_grad():
-                _, state = adapter.forward(torch.tensor([adapter.encode(positives[0])]), use_cache=True)
+                _, state = adapter.forward(torch.tensor([adapter.encode_prompt(positives[0])]), use_cache=True)
             deltas = {
-                layer: {key: 2 * tensor[0].std() * torch.randn(tensor[0].shape, generator=generator)
-                        for key, tensor in adapter.state_tensors(state, layer).items()}
+                layer: {key: tensor[0].std() * torch.randn(tensor[0].shape, generator=generator, dtype=tensor.dtype)
+                        for key, tensor in adapter.state_values(state, layer).items()}
                 for layer in range(adapter.n_layers)
             }
         made[name] = (residual, deltas)
@@ -79,7 +79,7 @@ def assert_steering_moves_every_layer(table: pd.DataFrame):
 def unsteered_metrics(adapter, item, labels=AB_LABELS):
     """p_matching and nonsense from one plain forward of the whole prompt, computed by hand."""
     prompt = adapter.build_prompt(item["question"], "(")
-    ids = torch.tensor([adapter.encode(prompt)])
+    ids = torch.tensor([adapter.tokenizer(prompt, add_special_tokens=True)["input_ids"]])
     with torch.no_grad():
         logits, _ = adapter.forward(ids)
     probs = logits[0, -1].float().softmax(-1)
@@ -160,9 +160,9 @@ def test_prompts_and_label_tokens(tiny_adapter):
 
 
 class StubTokenizerAdapter:
-    """Only `encode`, with a sentencepiece-like habit: the first character of a text gets its own
-    "word start" id, so a label alone tokenizes differently from the label after '('. '(Z' is one
-    token, as merges can make it."""
+    """Only the encoders (no special tokens), with a sentencepiece-like habit: the first character of
+    a text gets its own "word start" id, so a label alone tokenizes differently from the label after
+    '('. '(Z' is one token, as merges can make it."""
 
     def encode(self, text):
         ids = []
@@ -172,6 +172,8 @@ class StubTokenizerAdapter:
             else:
                 ids.append(ord(char) + (1000 if index == 0 else 0))
         return ids
+
+    encode_prompt = encode
 
 
 def test_label_ids_are_read_in_context():
@@ -255,8 +257,8 @@ def test_state_vectors_are_mean_state_differences(tiny_adapters):
 
         def states_after(prompt):
             with torch.no_grad():
-                _, state = adapter.forward(torch.tensor([adapter.encode(prompt)]), use_cache=True)
-            return {layer: {k: v[0].clone() for k, v in adapter.state_tensors(state, layer).items()}
+                _, state = adapter.forward(torch.tensor([adapter.encode_prompt(prompt)]), use_cache=True)
+            return {layer: {k: v[0].clone() for k, v in adapter.state_values(state, layer).items()}
                     for layer in range(adapter.n_layers)}
 
         pos_states = [states_after(p) for p in positives]
@@ -279,38 +281,102 @@ def test_state_vectors_need_a_recurrent_state(tiny_adapters):
 
 
 # ----- the sweep -----------------------------------------------------------------------------------
-def sweep_cases():
-    """(model, mode, n_positions, layers_per_pass): residual everywhere, state modes on RNNs."""
-    from tests.conftest import TINY_MODELS
-
-    cases = []
-    for name, spec in sorted(TINY_MODELS.items()):
-        cases += [(name, "residual", 1, 1), (name, "residual", 3, 2)]
-        if spec["family"] != "transformer":  # the test checks the adapter agrees
-            cases += [(name, "state", 1, 2), (name, "state", 3, 1), (name, "both", 1, 1)]
-    return cases
-
-
-@pytest.mark.parametrize("name, mode, n_positions, layers_per_pass", sweep_cases())
-def test_fast_sweep_equals_naive_recomputation(tiny_adapters, vectors, name, mode, n_positions, layers_per_pass):
-    adapter = tiny_adapters[name]
-    assert mode == "residual" or adapter.has_recurrent_state
-    residual, deltas = vectors[name]
-    settings = dict(mode=mode, residual_vectors=residual, state_deltas=deltas, multipliers=MULTIPLIERS,
-                    n_positions=n_positions, behavior="toy", item_ids=[10, 11])
-    hooks_before = [dict(block._forward_hooks) for block in adapter.blocks]
-    fast = steering.steering_sweep(adapter, ITEMS, layers_per_pass=layers_per_pass, **settings)
-    assert [dict(block._forward_hooks) for block in adapter.blocks] == hooks_before
-    slow = steering.naive_sweep(adapter, ITEMS, **settings)
-
+def check_table(fast, expected, adapter):
     assert list(fast.columns) == KEYS + ["p_matching", "nonsense"]
     assert len(fast) == len(ITEMS) * adapter.n_layers * len(MULTIPLIERS)
     assert set(fast["item"]) == {10, 11} and set(fast["behavior"]) == {"toy"}
-    both = merged(fast, slow)
+    both = merged(fast, expected)
     for column in ("p_matching", "nonsense"):
         np.testing.assert_allclose(both[f"{column}_fast"], both[f"{column}_slow"], rtol=0, atol=1e-5)
     assert_steering_moves_every_layer(fast)
     assert fast["p_matching"].between(0, 1).all() and fast["nonsense"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("n_positions, layers_per_pass", [(1, 1), (3, 2)])
+def test_residual_sweep_equals_full_recomputation(tiny_adapter, vectors, n_positions, layers_per_pass):
+    adapter = tiny_adapter
+    residual, _ = vectors[adapter.info["name"]]
+    settings = dict(mode="residual", residual_vectors=residual, multipliers=MULTIPLIERS, n_positions=n_positions,
+                    behavior="toy", item_ids=[10, 11])
+    hooks_before = [dict(block._forward_hooks) for block in adapter.blocks]
+    fast = steering.steering_sweep(adapter, ITEMS, layers_per_pass=layers_per_pass, **settings)
+    assert [dict(block._forward_hooks) for block in adapter.blocks] == hooks_before
+    check_table(fast, steering.naive_sweep(adapter, ITEMS, **settings), adapter)
+
+
+# ----- state steering, against a loop written here -------------------------------------------------
+def add_by_hand(adapter, cache, layer, deltas, multiplier):
+    """Add multiplier * delta into the model's own cache tensors of `layer`, without the adapter."""
+    if adapter.family == "mamba":  # transformers' Mamba cache: per layer, conv and SSM states
+        cache.layers[layer].conv_states[0] += multiplier * deltas["conv"]
+        cache.layers[layer].recurrent_states[0] += multiplier * deltas["ssm"]
+    elif adapter.family == "rwkv":
+        # RWKV-4 state: [ffn shift, att shift, wkv num, wkv den, wkv max], each (B, D, layers), the
+        # wkv sums stored as num * exp(-max): the true sums move by the delta, the max stays.
+        ffn, att, num, den, top = (tensor[:, :, layer] for tensor in cache)
+        ffn += multiplier * deltas["ffn_shift"]
+        att += multiplier * deltas["att_shift"]
+        num += (multiplier * deltas["wkv_num"].double() * torch.exp(-top.double())).float()
+        den += (multiplier * deltas["wkv_den"].double() * torch.exp(-top.double())).float()
+    else:
+        raise AssertionError(f"no state to steer in family {adapter.family}")
+
+
+def hand_steered_metrics(adapter, item, layer, multiplier, mode, n_positions, residual, deltas):
+    """(p_matching, nonsense) with the reference's loop: run the prefix, then each of the last
+    `n_positions` tokens alone, the state delta added by hand before each; in mode "both" a hook of
+    this test also adds the residual vector to the block's output at each of those tokens."""
+    prompt = adapter.build_prompt(item["question"], "(")
+    tokens = adapter.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    ids = torch.tensor([tokens])
+
+    def add_residual(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        # RWKV-4 in eval mode divides block b's output by 2**(b // rescale_every).
+        every = getattr(adapter.model.config, "rescale_every", 0) if adapter.family == "rwkv" else 0
+        hidden = hidden + multiplier * residual[layer] / (2 ** (layer // every) if every else 1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    with torch.no_grad():
+        _, cache = adapter.forward(ids[:, :-n_positions], use_cache=True)  # the prefix, unsteered
+        handle = adapter.blocks[layer].register_forward_hook(add_residual) if mode == "both" else None
+        try:
+            for position in range(len(tokens) - n_positions, len(tokens)):
+                add_by_hand(adapter, cache, layer, deltas[layer], multiplier)
+                logits, cache = adapter.forward(ids[:, position : position + 1], state=cache)
+        finally:
+            if handle is not None:
+                handle.remove()
+    probs = logits[0, -1].float().softmax(-1)
+    p_a, p_b = (probs[adapter.tokenizer.convert_tokens_to_ids(label)].item() for label in AB_LABELS)
+    p_match = p_a if item["answer_matching_behavior"] == "(A)" else p_b
+    return p_match / (p_a + p_b), 1 - p_a - p_b
+
+
+def state_cases():
+    from tests.conftest import TINY_MODELS
+
+    return [
+        (name, mode, n_positions, layers_per_pass)
+        for name, spec in sorted(TINY_MODELS.items()) if spec["family"] != "transformer"
+        for mode in ("state", "both") for n_positions, layers_per_pass in ((1, 2), (3, 1))
+    ]
+
+
+@pytest.mark.parametrize("name, mode, n_positions, layers_per_pass", state_cases())
+def test_state_sweep_equals_a_token_by_token_loop(tiny_adapters, vectors, name, mode, n_positions, layers_per_pass):
+    adapter = tiny_adapters[name]
+    residual, deltas = vectors[name]
+    fast = steering.steering_sweep(adapter, ITEMS, mode=mode, residual_vectors=residual, state_deltas=deltas,
+                                   multipliers=MULTIPLIERS, n_positions=n_positions, behavior="toy", item_ids=[10, 11],
+                                   layers_per_pass=layers_per_pass)
+    expected = pd.DataFrame.from_records([
+        dict(zip(KEYS + ["p_matching", "nonsense"], ("toy", mode, n_positions, layer, multiplier, item_id, *metrics)))
+        for item_id, item in zip([10, 11], ITEMS)
+        for layer in range(adapter.n_layers) for multiplier in MULTIPLIERS
+        for metrics in [hand_steered_metrics(adapter, item, layer, multiplier, mode, n_positions, residual, deltas)]
+    ])
+    check_table(fast, expected, adapter)
 
 
 @pytest.mark.parametrize("labels", [AB_LABELS, NUMBERED_LABELS])
@@ -396,3 +462,218 @@ def test_shared_caa_datasets_load_and_steer(tiny_adapters):
     table = steering.steering_sweep(adapter, usable(test)[:1], residual_vectors=residual, multipliers=[-1.0, 1.0],
                                     layers=[0], behavior=behaviours[0].name)
     assert len(table) == 2 and table["p_matching"].between(0, 1).all()
+
+
+# ----- RWKV-4: state deltas in the state's true units ------------------------------------------------
+def rwkv_true_state(state, layer):
+    """RWKV-4's wkv sums in their true units, by hand: the port stores num and den scaled by exp(-max)."""
+    ffn, att, num, den, top = (tensor[:, :, layer].double() for tensor in state)
+    return {"ffn_shift": ffn, "att_shift": att, "wkv_num": num * top.exp(), "wkv_den": den * top.exp()}
+
+
+def test_rwkv_state_deltas_are_means_of_the_true_wkv_sums(tiny_adapters):
+    adapter = next(a for a in tiny_adapters.values() if a.family == "rwkv")
+    positives, negatives = steering.contrast_prompts(adapter, GENERATE_ITEMS)
+    found = steering.state_vectors(adapter, positives, negatives, batch_size=3)
+
+    def states(prompts):  # the port's own state after each prompt, one prompt at a time
+        with torch.no_grad():
+            return [adapter.model(torch.tensor([adapter.encode_prompt(p)]), use_cache=True).state for p in prompts]
+
+    def mean_difference(value_of, layer, name):
+        return (torch.stack([value_of(s, layer)[name][0] for s in positive]).mean(0)
+                - torch.stack([value_of(s, layer)[name][0] for s in negative]).mean(0))
+
+    positive, negative = states(positives), states(negatives)
+    stored = lambda state, layer: dict(zip(("ffn_shift", "att_shift", "wkv_num", "wkv_den"),  # noqa: E731
+                                           (t[:, :, layer].double() for t in state)))
+    for layer in range(adapter.n_layers):
+        assert set(found[layer]) == {"ffn_shift", "att_shift", "wkv_num", "wkv_den"}  # the max is no state value
+        for name, delta in found[layer].items():
+            expected = mean_difference(rwkv_true_state, layer, name)
+            torch.testing.assert_close(delta.double(), expected, rtol=1e-5, atol=1e-6, msg=f"layer {layer} {name}")
+        # Averaging the max-normalised storage instead gives another delta: the units matter.
+        normalised = mean_difference(stored, layer, "wkv_num")
+        assert not torch.allclose(found[layer]["wkv_num"].double(), normalised, rtol=1e-3)
+
+
+@pytest.mark.parametrize("wkv_size", [1.0, 1e45])
+def test_rwkv_add_to_state_moves_the_true_sums_by_the_delta(tiny_adapters, wkv_size):
+    adapter = next(a for a in tiny_adapters.values() if a.family == "rwkv")
+    ids = torch.tensor([adapter.encode_prompt(steering.item_prompt(adapter, ITEMS[0]))])
+    with torch.no_grad():
+        _, state = adapter.forward(ids, use_cache=True)
+    state = adapter.repeat_state(state, 2)
+    layer = 1
+    before = {other: rwkv_true_state(state, other) for other in range(adapter.n_layers)}
+    generator = torch.Generator().manual_seed(3)
+    deltas = {name: value[0].abs().mean() * torch.randn(value[0].shape, generator=generator, dtype=value.dtype)
+              for name, value in before[layer].items()}
+    # 1e45: sums beyond float32 once scaled by exp(-max) with the old max, so the storage must take a
+    # new max (num and den share it, so they are made large together, as the recurrence makes them).
+    deltas["wkv_num"] *= wkv_size
+    deltas["wkv_den"] *= wkv_size
+    adapter.add_to_state(state, layer, deltas, scale=torch.tensor([2.0, -1.0]))
+    assert all(torch.isfinite(tensor).all() for tensor in state)
+    for other in range(adapter.n_layers):
+        after = rwkv_true_state(state, other)
+        for name, value in before[other].items():
+            for row, factor in enumerate((2.0, -1.0)):
+                expected = value[row] + factor * deltas[name] if other == layer else value[row]  # others untouched
+                torch.testing.assert_close(after[name][row], expected, rtol=1e-5, atol=1e-6)
+
+
+# ----- special tokens (BOS) --------------------------------------------------------------------------
+def with_bos_tokenizer(adapter, chat_template=None):
+    """A shallow copy of the adapter whose tokenizer puts a BOS in front of every sequence, as Llama's
+    does (the tiny byte tokenizer adds none); '<|system|>' stands in for '<s>'."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = copy.deepcopy(adapter.tokenizer)
+    tokenizer.bos_token = "<|system|>"
+    bos = tokenizer.convert_tokens_to_ids("<|system|>")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|system|> $A", special_tokens=[("<|system|>", bos)]
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    changed = copy.copy(adapter)
+    changed.tokenizer = tokenizer
+    return changed, bos
+
+
+def test_prompt_ids_carry_the_tokenizers_special_tokens(tiny_adapter, vectors):
+    adapter, bos = with_bos_tokenizer(tiny_adapter)
+    prompt = steering.item_prompt(adapter, ITEMS[0])
+    own = adapter.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    assert own[0] == bos and own[1] != bos
+    assert adapter.encode_prompt(prompt) == own
+    # A template that writes the BOS itself does not get a second one.
+    written = adapter.tokenizer.bos_token + prompt
+    assert adapter.encode_prompt(written) == own
+
+    # The sweep reads the unsteered model on those ids: multiplier 0 equals a plain forward of them.
+    residual, _ = vectors[tiny_adapter.info["name"]]
+    table = steering.steering_sweep(adapter, ITEMS[:1], residual_vectors=residual, multipliers=[0.0], layers=[0])
+    with torch.no_grad():
+        logits, _ = adapter.forward(torch.tensor([own]))
+    probs = logits[0, -1].softmax(-1)
+    p_a, p_b = (probs[adapter.tokenizer.convert_tokens_to_ids(label)].item() for label in AB_LABELS)
+    np.testing.assert_allclose(table["p_matching"], p_a / (p_a + p_b), rtol=0, atol=1e-6)
+    # The contrast prompts that the vectors come from carry it too (extracted, and read here).
+    from workflow_scripts.prompts import PromptItem, tokenize_prompts
+
+    extracted = PromptItem(index=0, id="q+", prompt=ITEMS[0]["question"], completion="(A")
+    assert tokenize_prompts(adapter, [extracted], "chat") == [adapter.tokenizer(prompt + "A")["input_ids"]]
+    positives, _ = steering.contrast_prompts(adapter, ITEMS[:1])
+    with_bos = steering.residual_activations(adapter, positives)
+    without = steering.residual_activations(tiny_adapter, positives)
+    assert not torch.allclose(with_bos, without)
+
+
+PAPER_TEMPLATES = {  # the reference's prompts (Steering/steer.py), for a question q
+    "hermes-mamba-2.8b": "\x16user\n{}\x17\n\x16assistant\n(",
+    "llama-2-7b-chat": "[INST] {} [/INST] (",
+}
+
+
+def test_paper_chat_templates_give_the_reference_prompts_and_ids(tiny_adapters):
+    import yaml
+
+    from tests.conftest import REPO
+
+    models = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())["models"]
+    adapter = next(iter(tiny_adapters.values()))
+    for name, reference in PAPER_TEMPLATES.items():
+        changed, bos = with_bos_tokenizer(adapter, models[name]["chat_template"])
+        text = steering.item_prompt(changed, ITEMS[0])
+        assert text == reference.format(ITEMS[0]["question"]), name
+        # The reference encodes with tokenizer.encode, special tokens included: so do the prompt ids.
+        assert changed.encode_prompt(text) == changed.tokenizer(reference.format(ITEMS[0]["question"]))["input_ids"]
+        assert changed.encode_prompt(text)[:2].count(bos) == 1
+
+
+# ----- which activations the vectors come from ------------------------------------------------------
+def extracted_contrast_set(adapter, path, positions):
+    from workflow_scripts.activations import extract_activations
+    from workflow_scripts.behavior_data import contrast_prompt_set
+    from workflow_scripts.prompts import load_prompt_set, tokenize_prompts
+
+    lines = contrast_prompt_set([{**item, "id": index} for index, item in enumerate(GENERATE_ITEMS)])
+    prompt_file = path.with_suffix(".jsonl")
+    prompt_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    prompts = load_prompt_set(prompt_file)
+    extract_activations(adapter, prompts, tokenize_prompts(adapter, prompts, "chat"), path, batch_size=3,
+                        positions=positions, layers="all", storage_dtype="float32", rows_per_row_group=8,
+                        metadata={}, progress=False)
+
+
+@pytest.mark.parametrize("positions", ["last", "all", [0, -1]])
+def test_vectors_come_from_the_answer_letter_whatever_else_was_extracted(tiny_adapters, tmp_path, positions):
+    adapter = tiny_adapters["llama-tiny"]
+    path = tmp_path / "contrast.parquet"
+    extracted_contrast_set(adapter, path, positions)
+    positive, negative, layers = steering.answer_activations(path)
+    assert layers == list(range(adapter.n_layers))
+    # The residual stream at each contrast prompt's last token, the answer letter, computed here.
+    positives, negatives = steering.contrast_prompts(adapter, GENERATE_ITEMS)
+    for found, prompts in ((positive, positives), (negative, negatives)):
+        expected = []
+        for prompt in prompts:
+            assert prompt[-1] in AB_LABELS
+            with torch.no_grad():
+                ids = torch.tensor([adapter.encode_prompt(prompt)])
+                hidden = adapter.model(ids, output_hidden_states=True).hidden_states
+            expected.append(torch.stack([hidden[layer + 1][0, -1] for layer in range(adapter.n_layers - 1)]))
+        # (the last block's output is only seen after the final norm in hidden_states)
+        torch.testing.assert_close(torch.as_tensor(found[:, :-1]), torch.stack(expected), rtol=0, atol=1e-5)
+
+
+def test_vectors_refuse_an_extraction_without_the_last_token(tiny_adapters, tmp_path):
+    adapter = tiny_adapters["llama-tiny"]
+    path = tmp_path / "contrast.parquet"
+    extracted_contrast_set(adapter, path, [0, -2])
+    with pytest.raises(ValueError, match=r"position_from_end -1.*extraction.positions = \[0, -2\] must include it"):
+        steering.answer_activations(path)
+
+
+# ----- figures ----------------------------------------------------------------------------------------
+def synthetic_sweep():
+    """Two behaviours, three layers, three multipliers, two items, every mode: p_matching rises with
+    the multiplier at layer 1, falls at layer 2, and does nothing at layer 0."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for behavior in ("b1", "b2"):
+        for mode in ("residual", "state", "both"):
+            for layer, slope in ((0, 0.0), (1, 0.1), (2, -0.05)):
+                for multiplier in (-1.0, 0.0, 1.0):
+                    for item in (0, 1):
+                        p = 0.5 + slope * multiplier + 0.01 * rng.normal()
+                        rows.append({"model": "m", "behavior": behavior, "mode": mode, "vector": "caa", "format": "ab",
+                                     "n_positions": 1, "layer": layer, "multiplier": multiplier, "item": item,
+                                     "p_matching": p, "nonsense": 0.1})
+    return pd.DataFrame(rows)
+
+
+def test_paper_summary_view_is_the_extremes_over_layers(tmp_path):
+    from workflow_scripts.figures import extremes_over_layers, mean_by, plot_steering
+
+    sweep = synthetic_sweep()
+    residual = sweep[sweep["mode"] == "residual"]
+    table = extremes_over_layers(mean_by(residual, "behavior", "layer", "multiplier"))
+    table = table.set_index(["behavior", "multiplier"])
+    for behavior in ("b1", "b2"):
+        for multiplier in (-1.0, 0.0, 1.0):
+            changes = []
+            for layer in range(3):
+                rows = residual[(residual.behavior == behavior) & (residual.layer == layer)]
+                mean_at = lambda m: rows[rows.multiplier == m].p_matching.mean()  # noqa: E731
+                changes.append(mean_at(multiplier) - mean_at(0.0))
+            assert table.loc[(behavior, multiplier), "max_change"] == pytest.approx(max(changes), abs=1e-12)
+            assert table.loc[(behavior, multiplier), "min_change"] == pytest.approx(min(changes), abs=1e-12)
+    assert (table.loc[("b1", 1.0), "max_change"] > 0.05) and (table.loc[("b1", 1.0), "min_change"] < -0.02)
+    paths = {name: tmp_path / f"{name}.png" for name in ("multiplier_effect", "by_layer", "modes", "nonsense")}
+    plot_steering(sweep, paths)
+    assert all(path.read_bytes()[:4] == b"\x89PNG" for path in paths.values())

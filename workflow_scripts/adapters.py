@@ -158,8 +158,22 @@ class ModelAdapter:
         return text + assistant_prefix
 
     def encode(self, text: str) -> list[int]:
-        # The chat template already carries the special tokens it wants.
+        """Token ids of a piece of text, no special tokens added (see `encode_prompt` for a whole
+        model input)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a whole model input: the text after the special tokens the tokenizer puts in
+        front of a sequence (Llama's BOS), as the model saw in training and as the reference's
+        `tokenizer.encode` gives. A template that already writes them does not get them twice.
+        Tokens a tokenizer appends at a sequence's end (an EOS) are left off: a prompt is continued."""
+        plain = self.encode(text)
+        full = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                added = full[:start]
+                return plain if plain[:start] == added else added + plain
+        raise ValueError(f"the tokenizer's special tokens for {text[:40]!r}... do not surround its plain encoding")
 
     def batch(self, token_lists: list[list[int]]) -> TokenBatch:
         if not token_lists:
@@ -304,18 +318,20 @@ class ModelAdapter:
         cache_layer = state.layers[layer]
         return {"keys": cache_layer.keys, "values": cache_layer.values}
 
+    def state_values(self, state, layer: int) -> dict[str, torch.Tensor]:
+        """Block `layer`'s state in its true units, by name: what state steering averages and adds to
+        (`add_to_state` takes deltas of these). The stored tensors themselves where the model keeps
+        the state as it is."""
+        return self.state_tensors(state, layer)
+
     def add_to_state(self, state, layer: int, deltas: dict[str, torch.Tensor], scale: float | torch.Tensor = 1.0):
-        """Add scale * deltas[name] to the named state tensors of `layer`, in place. `scale` may be a
-        (B,) tensor: one multiplier per row."""
+        """Add scale * deltas[name] to the named state values of `layer` (see `state_values`), in
+        place. `scale` may be a (B,) tensor: one multiplier per row."""
         tensors = self.state_tensors(state, layer)
-        unknown = set(deltas) - set(tensors)
-        if unknown:
-            raise KeyError(f"unknown state tensors {sorted(unknown)}; layer {layer} has {sorted(tensors)}")
+        _check_delta_names(deltas, tensors, layer)
         for name, delta in deltas.items():
             target = tensors[name]
-            factor = torch.as_tensor(scale, dtype=target.dtype, device=target.device)
-            factor = factor.reshape(-1, *([1] * (target.dim() - 1))) if factor.dim() else factor
-            target.add_(factor * delta.to(target.device, target.dtype))
+            target.add_(_row_scale(scale, target) * delta.to(target.device, target.dtype))
         return state
 
 
@@ -450,6 +466,55 @@ class RwkvAdapter(ModelAdapter):
         if len(state) != len(self.STATE_NAMES):
             raise ValueError(f"expected the RWKV-4 state of {len(self.STATE_NAMES)} tensors {self.STATE_NAMES}, got {len(state)}")
         return {name: tensor[:, :, layer] for name, tensor in zip(self.STATE_NAMES, state)}
+
+    def state_values(self, state, layer):
+        # The wkv sums in their true units, num * exp(max) and den * exp(max) (float64: exp(max)
+        # overflows float32 past max = 88), so that means and deltas are those of the sums the
+        # recurrence adds to; the max itself is only the storage's scale and is no state value.
+        stored = self.state_tensors(state, layer)
+        scale = stored["wkv_max"].double().exp()
+        return {
+            "ffn_shift": stored["ffn_shift"],
+            "att_shift": stored["att_shift"],
+            "wkv_num": stored["wkv_num"].double() * scale,
+            "wkv_den": stored["wkv_den"].double() * scale,
+        }
+
+    def add_to_state(self, state, layer, deltas, scale=1.0):
+        stored = self.state_tensors(state, layer)
+        values = self.state_values(state, layer)
+        _check_delta_names(deltas, values, layer)
+        for name in ("ffn_shift", "att_shift"):
+            if name in deltas:
+                target = stored[name]
+                target.add_(_row_scale(scale, target) * deltas[name].to(target.device, target.dtype))
+        if not {"wkv_num", "wkv_den"} & set(deltas):
+            return state
+        # Add in true units, then store again with a max no smaller than the log of either sum, so
+        # the stored num and den stay within float32 whatever the size of the delta.
+        wkv = {}
+        for name in ("wkv_num", "wkv_den"):
+            delta = deltas.get(name, torch.zeros(()))
+            wkv[name] = values[name] + _row_scale(scale, values[name]) * delta.to(values[name].device, torch.float64)
+        magnitude = torch.maximum(wkv["wkv_num"].abs(), wkv["wkv_den"].abs())
+        old_max = stored["wkv_max"].double()
+        new_max = torch.where(magnitude > 0, torch.maximum(old_max, magnitude.log()), old_max)
+        for name in ("wkv_num", "wkv_den"):
+            stored[name].copy_(torch.where(magnitude > 0, wkv[name] * torch.exp(-new_max), 0.0))
+        stored["wkv_max"].copy_(new_max)
+        return state
+
+
+def _check_delta_names(deltas: dict, values: dict, layer: int) -> None:
+    unknown = set(deltas) - set(values)
+    if unknown:
+        raise KeyError(f"unknown state tensors {sorted(unknown)}; layer {layer} has {sorted(values)}")
+
+
+def _row_scale(scale, target: torch.Tensor) -> torch.Tensor:
+    """`scale` (a number or one per row) shaped to multiply a (B, ...) state tensor."""
+    factor = torch.as_tensor(scale, dtype=target.dtype, device=target.device)
+    return factor.reshape(-1, *([1] * (target.dim() - 1))) if factor.dim() else factor
 
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {"transformer": ModelAdapter, "mamba": MambaAdapter, "rwkv": RwkvAdapter}

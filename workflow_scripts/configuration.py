@@ -13,6 +13,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from workflow_scripts.family_traits import unreadable_state
+
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
@@ -135,7 +137,40 @@ def check_config(config: dict) -> dict:
                     f"config: {key} = {layers} has {outside[0]}, outside model {name!r} "
                     f"({n_layers} blocks: allowed 0..{n_layers - 1})"
                 )
+    _check_steering(checked)
     return _canonical(checked)
+
+
+def steering_modes(config: dict, model: str) -> list[str]:
+    """The steering modes of one model: its steering.model_modes entry, else steering.modes."""
+    return config["steering"]["model_modes"].get(model, config["steering"]["modes"])
+
+
+def _check_steering(checked: dict) -> None:
+    steering = checked["steering"]
+    unknown = [name for name in steering["model_modes"] if name not in steering["models"]]
+    if unknown:
+        raise ConfigError(
+            f"config: steering.model_modes has {unknown[0]!r}, not a steered model; allowed: {steering['models']}"
+        )
+    if not checked["behaviors"]:
+        return
+    # Steering vectors are read at the answer letter, the last token of each contrast prompt.
+    positions = checked["extraction"]["positions"]
+    if isinstance(positions, list) and -1 not in positions:
+        raise ConfigError(
+            f"config: extraction.positions = {positions} has no -1 (the last token), where steering vectors are "
+            "read; allowed: 'last', 'all', or a list with -1"
+        )
+    for name in steering["models"]:
+        for mode in ("state", "both"):
+            problem = unreadable_state(checked["models"][name])
+            if mode in steering_modes(checked, name) and problem:
+                key = f"steering.model_modes.{name}" if name in steering["model_modes"] else "steering.modes"
+                raise ConfigError(
+                    f"config: {key} has {mode!r} for model {name!r}, but {problem}; "
+                    f"allowed for it: ['residual'] (set steering.model_modes.{name}: [residual])"
+                )
 
 
 def finetuned_model_spec(config: dict, base: str, weights_dir: str) -> dict:

@@ -56,6 +56,18 @@ def steering_summary(sweep: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def extremes_over_layers(means: pd.DataFrame) -> pd.DataFrame:
+    """The paper's summary view: per behaviour and multiplier, the largest and the smallest change in
+    mean p_matching from the unsteered model (multiplier 0 at the same layer) over all layers.
+    means: behavior, layer, multiplier, p_matching."""
+    baseline = means[means.multiplier == 0].set_index(["behavior", "layer"])["p_matching"]
+    change = means.p_matching - baseline.reindex(pd.MultiIndex.from_frame(means[["behavior", "layer"]])).to_numpy()
+    grouped = means.assign(change=change).groupby(["behavior", "multiplier"], as_index=False)["change"]
+    return grouped.max().rename(columns={"change": "max_change"}).merge(
+        grouped.min().rename(columns={"change": "min_change"}), on=["behavior", "multiplier"]
+    )
+
+
 def plot_steering(sweep: pd.DataFrame, paths: dict) -> None:
     """paths: multiplier_effect, by_layer, modes, nonsense -> PNG paths (figures a-d of the paper)."""
     model = sweep["model"].iloc[0]
@@ -63,18 +75,27 @@ def plot_steering(sweep: pd.DataFrame, paths: dict) -> None:
     means = mean_by(residual, "behavior", "layer", "multiplier")
 
     # (a) change in p_matching vs multiplier, at each behaviour's best layer (as in the summary table:
-    # the layer that moves p_matching most in the intended direction). Taking the largest change over
-    # layers per multiplier instead would mix layers that push opposite ways.
+    # the layer that moves p_matching most in the intended direction), and beside it the paper's view,
+    # the extremes over layers per multiplier (which can mix layers that push opposite ways).
     best = steering_summary(residual).set_index("behavior")["best_layer"]
     at_best = means[means.layer == best.reindex(means.behavior).to_numpy()]
     baseline = at_best[at_best.multiplier == 0].set_index("behavior")["p_matching"]
     at_best = at_best.assign(delta=at_best.p_matching - baseline.reindex(at_best.behavior).to_numpy(),
                              label=[f"{b} (block {best[b]})" for b in at_best.behavior])
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure, (axis, paper_axis) = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
     sns.lineplot(at_best, x="multiplier", y="delta", hue="label", marker="o", ax=axis)
     axis.legend(title="behaviour (best block)", fontsize=7)
     axis.axhline(0, color="grey", linewidth=0.8)
-    axis.set(title=f"{model}: steering effect", ylabel="change in p(matching)", xlabel="multiplier")
+    axis.set(title=f"{model}: steering effect at the best block", ylabel="change in p(matching)", xlabel="multiplier")
+    # The paper's view beside it: per multiplier, the largest (solid) and smallest (dashed) change over layers.
+    extremes = extremes_over_layers(means)
+    colors = sns.color_palette(n_colors=extremes.behavior.nunique())
+    for color, (behavior, rows) in zip(colors, extremes.groupby("behavior")):
+        paper_axis.plot(rows.multiplier, rows.max_change, marker="o", color=color, label=behavior)
+        paper_axis.plot(rows.multiplier, rows.min_change, marker="v", linestyle="--", color=color)
+    paper_axis.legend(title="behaviour (solid: max, dashed: min)", fontsize=7)
+    paper_axis.axhline(0, color="grey", linewidth=0.8)
+    paper_axis.set(title="max and min over layers (the paper's summary)", xlabel="multiplier")
     save(figure, paths["multiplier_effect"])
 
     # (b) p_matching vs layer, one line per multiplier, one panel per behaviour.

@@ -68,7 +68,7 @@ def tokenize_prompts(adapter, items: list[PromptItem], template: str) -> list[li
     token_lists = []
     for item in items:
         text = adapter.build_prompt(item.prompt, item.completion, chat=(template == "chat"))
-        tokens = adapter.encode(text)
+        tokens = adapter.encode_prompt(text)  # with the special tokens the model was trained with
         if limit is not None and len(tokens) > limit:
             raise ValueError(
                 f"prompt {item.id!r} has {len(tokens)} tokens, more than the context of model "

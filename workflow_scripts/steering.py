@@ -12,8 +12,8 @@ and RNNs. Three steps:
    choices and the probability mass outside them ("nonsense").
 
 The fast sweep runs each test prompt's prefix once, then evaluates all multipliers of a layer in
-one batched pass over the last token(s); `naive_sweep` recomputes everything one setting at a time
-and exists to check it.
+one batched pass over the last token(s); `naive_sweep` recomputes the residual mode one setting at
+a time and exists to check it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from workflow_scripts.activations import read_layer, read_metadata
 from workflow_scripts.adapters import ModelAdapter
 
 AB_LABELS = ("A", "B")
@@ -144,10 +145,10 @@ def contrast_prompts(adapter: ModelAdapter, items: Sequence[dict], chat: bool = 
 def answer_token_ids(adapter: ModelAdapter, prompt: str, labels: Sequence[str] = AB_LABELS) -> list[int]:
     """The token id of each label as it tokenizes right after `prompt` (which ends with '(').
     Reading the label's id in context, not alone, avoids picking a variant with a leading space."""
-    base = adapter.encode(prompt)
+    base = adapter.encode_prompt(prompt)
     ids = []
     for label in labels:
-        extended = adapter.encode(prompt + label)
+        extended = adapter.encode_prompt(prompt + label)
         if len(extended) != len(base) + 1 or extended[: len(base)] != base:
             raise ValueError(
                 f"label {label!r} does not tokenize as one extra token after the prompt: prompt ends with "
@@ -195,6 +196,29 @@ def lda_vectors(positive, negative) -> torch.Tensor:
     return torch.stack(vectors).float()
 
 
+def answer_activations(path) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Positive and negative (N, L, D) activations of an extracted contrast prompt set at each
+    prompt's last token (the answer letter), whatever other positions the extraction kept; and the
+    layers they are of."""
+    metadata = read_metadata(path)
+    layers = metadata["layers"]
+    sides: dict[str, list[np.ndarray]] = {"positive": [], "negative": []}
+    for layer in layers:
+        rows, vectors = read_layer(path, layer)
+        last = (rows["position_from_end"] == -1).to_numpy()
+        missing = sorted(set(rows["example_id"]) - set(rows["example_id"][last]))
+        if missing:
+            raise ValueError(
+                f"{path}: no activation at the last token (position_from_end -1) for prompts {missing[:5]} "
+                f"({len(missing)} in all): extraction.positions = {metadata['positions']!r} must include it "
+                "('last', 'all' or a list with -1)"
+            )
+        for side in sides:
+            sides[side].append(vectors[last & (rows["label"] == side).to_numpy()])
+    positive, negative = (np.stack(sides[side], axis=1) for side in ("positive", "negative"))
+    return positive, negative, layers
+
+
 def residual_activations(adapter: ModelAdapter, prompts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
     """(N, L, D) float32 on the CPU: the residual stream after every block at each prompt's last token."""
     if batch_size < 1:
@@ -202,7 +226,7 @@ def residual_activations(adapter: ModelAdapter, prompts: Sequence[str], batch_si
     chunks = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            batch = adapter.batch([adapter.encode(prompt) for prompt in prompts[start : start + batch_size]])
+            batch = adapter.batch([adapter.encode_prompt(prompt) for prompt in prompts[start : start + batch_size]])
             acts, _ = adapter.residual_stream(batch, batch.last_positions(1))  # (L, B, 1, D)
             chunks.append(acts[:, :, 0].transpose(0, 1).float().cpu())
     return torch.cat(chunks)
@@ -211,30 +235,35 @@ def residual_activations(adapter: ModelAdapter, prompts: Sequence[str], batch_si
 def state_vectors(
     adapter: ModelAdapter, positive_prompts: Sequence[str], negative_prompts: Sequence[str], batch_size: int = 8
 ) -> StateDeltas:
-    """Per layer and state tensor: mean state after the positive prompts minus mean state after the
-    negative ones (float32, shaped like one row of the tensor)."""
+    """Per layer and state value (`adapter.state_values`: the state in its true units): mean state
+    after the positive prompts minus mean state after the negative ones, shaped like one row of the
+    tensor (float32, or float64 where the values are: RWKV-4's wkv sums can pass float32's range)."""
     if not adapter.has_recurrent_state:
         raise ValueError(
             f"model {adapter.info.get('name')!r} has no recurrent state (its cache grows with the prompt); "
             "state steering needs a fixed-size state"
         )
-    positive = _mean_states(adapter, positive_prompts, batch_size, "positive")
-    negative = _mean_states(adapter, negative_prompts, batch_size, "negative")
+    positive, dtypes = _mean_states(adapter, positive_prompts, batch_size, "positive")
+    negative, _ = _mean_states(adapter, negative_prompts, batch_size, "negative")
     return {
-        layer: {name: (positive[layer][name] - negative[layer][name]).float() for name in positive[layer]}
+        layer: {
+            name: (positive[layer][name] - negative[layer][name]).to(torch.promote_types(dtypes[name], torch.float32))
+            for name in positive[layer]
+        }
         for layer in range(adapter.n_layers)
     }
 
 
-def _mean_states(adapter: ModelAdapter, prompts: Sequence[str], batch_size: int, side: str) -> StateDeltas:
+def _mean_states(adapter: ModelAdapter, prompts: Sequence[str], batch_size: int, side: str) -> tuple[StateDeltas, dict]:
     if not prompts:
         raise ValueError(f"no {side} prompts")
     # Only prompts of equal length share a batch: padding would run through the state.
     by_length: dict[int, list[list[int]]] = {}
     for prompt in prompts:
-        tokens = adapter.encode(prompt)
+        tokens = adapter.encode_prompt(prompt)
         by_length.setdefault(len(tokens), []).append(tokens)
     totals: StateDeltas = {}
+    dtypes: dict[str, torch.dtype] = {}
     with torch.no_grad():
         for group in by_length.values():
             for start in range(0, len(group), batch_size):
@@ -242,10 +271,13 @@ def _mean_states(adapter: ModelAdapter, prompts: Sequence[str], batch_size: int,
                 _, state = adapter.forward(ids, use_cache=True)
                 for layer in range(adapter.n_layers):
                     layer_totals = totals.setdefault(layer, {})
-                    for name, tensor in adapter.state_tensors(state, layer).items():
+                    # Averaged in the state's true units (for RWKV-4 not its max-normalised storage).
+                    for name, tensor in adapter.state_values(state, layer).items():
+                        dtypes[name] = tensor.dtype
                         row_sum = tensor.detach().to("cpu", torch.float64).sum(0)
                         layer_totals[name] = layer_totals[name] + row_sum if name in layer_totals else row_sum
-    return {layer: {name: total / len(prompts) for name, total in named.items()} for layer, named in totals.items()}
+    means = {layer: {name: total / len(prompts) for name, total in named.items()} for layer, named in totals.items()}
+    return means, dtypes
 
 
 # ----- evaluation ----------------------------------------------------------------------------------
@@ -282,9 +314,9 @@ def _check_sweep(adapter, items, mode, residual_vectors, state_deltas, layers, m
 
 
 def _check_state_deltas(adapter, state, state_deltas, layers):
-    """Each delta must name a state tensor of its layer and have the shape of one of its rows."""
+    """Each delta must name a state value of its layer and have the shape of one of its rows."""
     for layer in layers:
-        tensors = adapter.state_tensors(state, layer)
+        tensors = adapter.state_values(state, layer)
         for name, delta in state_deltas[layer].items():
             if name not in tensors:
                 raise ValueError(f"state delta {name!r} of layer {layer}: the state has only {sorted(tensors)}")
@@ -303,7 +335,7 @@ def _prepared_items(adapter, items, labels, chat, n_positions, item_ids):
     prepared = []
     for item_id, item in zip(item_ids, items):
         prompt = item_prompt(adapter, item, chat)
-        tokens = adapter.encode(prompt)
+        tokens = adapter.encode_prompt(prompt)
         if len(tokens) <= n_positions:
             raise ValueError(
                 f"item {item_id}: prompt has {len(tokens)} tokens, not more than n_positions={n_positions}"
@@ -356,11 +388,12 @@ def steering_sweep(
     """p_matching and nonsense for every item x layer x multiplier.
 
     mode "residual" adds multiplier * residual_vectors[layer] to block `layer`'s output at the last
-    `n_positions` tokens; "state" adds multiplier * state_deltas[layer] to that layer's state after
-    the prefix (all tokens but the last `n_positions`); "both" does both.
+    `n_positions` tokens; "state" runs those tokens one at a time and adds multiplier *
+    state_deltas[layer] to that layer's state before each of them (as the reference does: with 3
+    positions the delta is added three times); "both" does both.
 
     Each prefix runs once. Its state is repeated once per (layer, multiplier) of a pass and the last
-    tokens run as one batch; `layers_per_pass` > 1 puts several layers in one pass (rows of the
+    tokens run as one batch (token by token in the state modes); `layers_per_pass` > 1 puts several layers in one pass (rows of the
     other layers get a zero vector, which leaves them exact) to trade memory for fewer passes.
     """
     layers, multipliers, residual_vectors = _check_sweep(
@@ -384,19 +417,27 @@ def steering_sweep(
                 rows = len(group) * n_mult
                 # The forward updates the state in place: every pass gets its own copy.
                 state = adapter.repeat_state(prefix_state, rows)
+                scales = {}
                 with contextlib.ExitStack() as hooks:
                     for slot, layer in enumerate(group):
                         block = slice(slot * n_mult, (slot + 1) * n_mult)
                         if mode in ("residual", "both"):
                             per_row = torch.zeros(rows, adapter.hidden_size)
                             per_row[block] = mult_tensor[:, None] * residual_vectors[layer].float().cpu()
-                            positions = torch.arange(n_positions).expand(rows, n_positions)
+                            # Positions count from each call's first token: one call of n tokens,
+                            # or n calls of one token (state modes), each steered.
+                            steps = n_positions if mode == "residual" else 1
+                            positions = torch.arange(steps).expand(rows, steps)
                             hooks.enter_context(adapter.add_to_block(layer, per_row, positions=positions))
-                        if mode in ("state", "both"):
-                            scale = torch.zeros(rows)
-                            scale[block] = mult_tensor
-                            adapter.add_to_state(state, layer, state_deltas[layer], scale=scale)
-                    logits, _ = adapter.forward(ids[:, -n_positions:].expand(rows, n_positions), state=state)
+                        scales[layer] = torch.zeros(rows)
+                        scales[layer][block] = mult_tensor
+                    if mode == "residual":
+                        logits, _ = adapter.forward(ids[:, -n_positions:].expand(rows, n_positions), state=state)
+                    else:
+                        for step in range(len(tokens) - n_positions, len(tokens)):
+                            for layer in group:
+                                adapter.add_to_state(state, layer, state_deltas[layer], scale=scales[layer])
+                            logits, _ = adapter.forward(ids[:, step : step + 1].expand(rows, 1), state=state)
                 p_matching, nonsense = _answer_metrics(logits[:, -1], label_ids, matching)
                 layer_of_row = [layer for layer in group for _ in multipliers]
                 records += _records(
@@ -411,7 +452,6 @@ def naive_sweep(
     *,
     mode: str = "residual",
     residual_vectors: torch.Tensor | None = None,
-    state_deltas: StateDeltas | None = None,
     layers: Sequence[int] | None = None,
     multipliers: Sequence[float] = MULTIPLIERS,
     n_positions: int = 1,
@@ -420,37 +460,24 @@ def naive_sweep(
     behavior: str | None = None,
     item_ids: Sequence | None = None,
 ) -> pd.DataFrame:
-    """The same table as `steering_sweep`, recomputed from scratch for every (item, layer,
-    multiplier) with batch size 1. Residual mode runs the whole prompt in one call; state modes
-    run the prefix, add to the state, then run the last tokens. Slow: a reference for checks."""
+    """The residual-mode table of `steering_sweep`, recomputed from scratch for every (item, layer,
+    multiplier): the whole prompt in one call, batch size 1, no cached prefix. Slow: a reference for
+    checks and the benchmark. (The state modes are checked by the tests' own token-by-token loop.)"""
+    if mode != "residual":
+        raise ValueError(f"naive_sweep recomputes mode 'residual' only, not {mode!r}")
     layers, multipliers, residual_vectors = _check_sweep(
-        adapter, items, mode, residual_vectors, state_deltas, layers, multipliers, n_positions, labels
+        adapter, items, mode, residual_vectors, None, layers, multipliers, n_positions, labels
     )
-    device = adapter.device
     records = []
     with torch.no_grad():
         prepared = _prepared_items(adapter, items, labels, chat, n_positions, item_ids)
         for item_id, tokens, label_ids, matching in prepared:
-            ids = torch.tensor([tokens], dtype=torch.long, device=device)
+            ids = torch.tensor([tokens], dtype=torch.long, device=adapter.device)
+            positions = torch.arange(len(tokens) - n_positions, len(tokens))[None]
             for layer in layers:
                 for multiplier in multipliers:
-                    with contextlib.ExitStack() as hooks:
-                        if mode == "residual":
-                            positions = torch.arange(len(tokens) - n_positions, len(tokens))[None]
-                            hooks.enter_context(
-                                adapter.add_to_block(layer, multiplier * residual_vectors[layer].float(), positions)
-                            )
-                            logits, _ = adapter.forward(ids)
-                        else:
-                            _, state = adapter.forward(ids[:, :-n_positions], use_cache=True)
-                            _check_state_deltas(adapter, state, state_deltas, [layer])
-                            adapter.add_to_state(state, layer, state_deltas[layer], scale=multiplier)
-                            if mode == "both":
-                                positions = torch.arange(n_positions)[None]
-                                hooks.enter_context(
-                                    adapter.add_to_block(layer, multiplier * residual_vectors[layer].float(), positions)
-                                )
-                            logits, _ = adapter.forward(ids[:, -n_positions:], state=state)
+                    with adapter.add_to_block(layer, multiplier * residual_vectors[layer].float(), positions):
+                        logits, _ = adapter.forward(ids)
                     p_matching, nonsense = _answer_metrics(logits[:, -1], label_ids, matching)
                     records += _records(
                         behavior, mode, n_positions, item_id, [layer], [multiplier], p_matching, nonsense

@@ -1,0 +1,23 @@
+"""What a family's adapter (workflow_scripts/adapters.py) can do with a model, judged from its config
+entry alone. Part of the adapter layer, kept apart so that the config check, which runs before any
+job, does not import torch."""
+
+from __future__ import annotations
+
+
+def unreadable_state(spec: dict) -> str | None:
+    """Why the adapter cannot read the recurrent state of the model `spec` describes, or None where it
+    can. None too for families without such a state: their state modes are skipped, not refused."""
+    if spec["family"] != "rwkv":
+        return None
+    # The RwkvAdapter reads the state of transformers' own RWKV port, which is RWKV-4. RWKV-5, 6
+    # and 7 checkpoints run their own modelling code (trust_remote_code), with another state layout.
+    tiny = spec["source"].get("tiny")
+    if spec.get("trust_remote_code"):
+        return (
+            "it is loaded with its own modelling code (trust_remote_code: RWKV-5, 6 or 7), whose state the "
+            "rwkv adapter cannot read (only RWKV-4, transformers' port)"
+        )
+    if tiny is not None and tiny["model_type"] != "rwkv":
+        return f"its model_type {tiny['model_type']!r} is not RWKV-4 ('rwkv'), the only RWKV state the adapter reads"
+    return None
