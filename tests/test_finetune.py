@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import TINY_MODELS
-from workflow_scripts import finetune
+from workflow_scripts import finetune, quirky_data
 from workflow_scripts.adapters import load_adapter
 from workflow_scripts.finetune import (
     accuracy_by_character,
@@ -301,3 +301,27 @@ def test_best_checkpoint_by_validation_loss_is_saved(tiny_adapters, quirky, tmp_
     for param_name, value in saved.items():
         assert torch.equal(value, weights[2][param_name]), param_name
     assert any(not torch.equal(value, weights[-1][n]) for n, value in saved.items())
+
+
+def test_finetuning_prompts_are_the_extracted_prompts_with_special_tokens(tiny_adapter, quirky):
+    """The model is fine-tuned on the same token ids that extraction (and the probes) read: with a
+    tokenizer that puts a BOS first (as Llama's), both carry it once."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from workflow_scripts.prompts import PromptItem, tokenize_prompts
+
+    adapter = copy.copy(tiny_adapter)
+    adapter.tokenizer = copy.deepcopy(tiny_adapter.tokenizer)
+    bos = adapter.tokenizer.convert_tokens_to_ids("<|system|>")
+    adapter.tokenizer.bos_token = "<|system|>"
+    adapter.tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|system|> $A", special_tokens=[("<|system|>", bos)]
+    )
+    statements = quirky[0]["statement"].tolist()[:4]
+    answer = finetune.answer_tokens(adapter, quirky_data.ANSWERS, allow_shared_prefix=True)
+    tuned = finetune.encode_prompts(adapter, statements, answer)
+    items = [PromptItem(index=i, id=str(i), prompt=text, completion="") for i, text in enumerate(statements)]
+    assert tuned == [ids + list(answer.prefix_ids) for ids in tokenize_prompts(adapter, items, "plain")]
+    assert all(ids[0] == bos and ids[1] != bos for ids in tuned)

@@ -100,9 +100,10 @@ def answer_tokens(
 
 
 def encode_prompts(adapter: ModelAdapter, statements, answer: AnswerTokens) -> list[list[int]]:
-    """Token ids of each plain-LM prompt (the statement as it is), then the answer prefix if any."""
+    """Token ids of each plain-LM prompt (the statement as it is, after the tokenizer's leading special
+    tokens, as extraction reads it), then the answer prefix if any."""
     prefix = list(answer.prefix_ids)
-    return [adapter.encode(adapter.build_prompt(str(text), "", chat=False)) + prefix for text in statements]
+    return [adapter.encode_prompt(adapter.build_prompt(str(text), "", chat=False)) + prefix for text in statements]
 
 
 def _check_in_context(adapter: ModelAdapter, statements, prompts, answer: AnswerTokens, answers) -> None:
@@ -112,7 +113,7 @@ def _check_in_context(adapter: ModelAdapter, statements, prompts, answer: Answer
     sample = list(statements[:32])
     for text, tokens in zip(sample, prompts):
         for label, answer_text in enumerate(answers):
-            joined = adapter.encode(adapter.build_prompt(str(text), answer_text, chat=False))
+            joined = adapter.encode_prompt(adapter.build_prompt(str(text), answer_text, chat=False))
             target = answer.true_id if label == 1 else answer.false_id
             if joined[: len(tokens) + 1] != tokens + [target]:
                 bad += 1
