@@ -1,6 +1,7 @@
 """The model adapters agree with the models they wrap, for every family."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -227,3 +228,25 @@ def test_gpt_neox_stream_state_and_steering(neox_adapter):
         test_running_on_from_state_equals_full_sequence(neox_adapter, rows)
     test_repeated_state_with_per_row_steering_equals_separate_runs(neox_adapter)
     assert all("attention" in name for name in neox_adapter.lora_target_modules())
+
+
+def test_jobs_load_the_commit_that_build_model_recorded(tiny_model_dirs, tmp_path, monkeypatch):
+    """A hub entry at a branch: build_model records the commit it fetched, and every later job asks
+    the hub for that commit (not the branch, which may have moved) and records it in its metadata."""
+    from workflow_scripts import model_sources
+    from workflow_scripts.adapters import load_job_adapter
+
+    name, tiny = next(iter(TINY_MODELS.items()))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "snapshots" / commit  # the hub cache names a snapshot by its commit
+    shutil.copytree(tiny_model_dirs / name / "weights", snapshot)
+    asked = []
+    monkeypatch.setattr(model_sources, "_hub_dir", lambda body: asked.append(body["revision"]) or snapshot)
+    spec = {"family": tiny["family"], "source": {"hub": {"id": "org/model", "revision": "main"}}}
+
+    manifest = model_sources.materialize(spec, "hubbed", tmp_path / "hubbed")
+    assert asked == ["main"] and manifest["resolved"]["commit"] == commit
+    adapter = load_job_adapter(spec, "hubbed", tmp_path / "hubbed" / "manifest.json")
+    assert asked[1:] == [commit]
+    assert adapter.info["revision"] == commit
+    assert spec["source"]["hub"]["revision"] == "main"  # the config entry itself is left alone

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -518,6 +519,17 @@ def _row_scale(scale, target: torch.Tensor) -> torch.Tensor:
 
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {"transformer": ModelAdapter, "mamba": MambaAdapter, "rwkv": RwkvAdapter}
+
+
+def load_job_adapter(spec: dict, name: str, manifest_path) -> ModelAdapter:
+    """A job's model: the config entry pinned to what build_model recorded in `manifest_path` (the hub
+    commit it fetched), with built or fine-tuned weights read from beside the manifest."""
+    import json
+
+    from workflow_scripts.model_sources import pinned_spec
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    return load_adapter(pinned_spec(spec, manifest), name, Path(manifest_path).parent / "weights")
 
 
 def load_adapter(spec: dict, name: str | None = None, model_dir=None) -> ModelAdapter:

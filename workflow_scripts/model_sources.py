@@ -6,6 +6,8 @@ Nothing here runs at DAG time; loading happens inside jobs.
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import importlib.util
 import json
@@ -216,6 +218,18 @@ def load_model(spec: dict, name: str | None = None, model_dir: Path | None = Non
     # The GPU when the job has one (SLURM gives each model job its own); the CPU otherwise.
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def pinned_spec(spec: dict, manifest: dict) -> dict:
+    """The config entry with its hub revision replaced by the commit that build_model fetched (recorded in
+    its manifest), so every later job loads those very weights: a branch such as `main` can move between
+    jobs. Other sources are returned as they are."""
+    commit = manifest.get("resolved", {}).get("commit")
+    if commit is None or source_kind(spec) != "hub":
+        return spec
+    pinned = copy.deepcopy(spec)
+    pinned["source"]["hub"]["revision"] = commit
+    return pinned
 
 
 def materialize(spec: dict, name: str, out_dir: Path) -> dict:

@@ -2,18 +2,17 @@
 accuracy per character and difficulty (did it learn the quirk, beyond the rows that chose its
 checkpoint?)."""
 
-from pathlib import Path
 
 import pandas as pd
 
-from workflow_scripts.adapters import load_adapter
+from workflow_scripts.adapters import load_job_adapter
 from workflow_scripts.atomic import atomic_path
 from workflow_scripts.finetune import accuracy_table, answer_probabilities
 from workflow_scripts.jobs import start_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)
-adapter = load_adapter(sm.params.spec, f"{sm.wildcards.base}+{sm.wildcards.dataset}", Path(sm.input.manifest).parent / "weights")
+adapter = load_job_adapter(sm.params.spec, f"{sm.wildcards.base}+{sm.wildcards.dataset}", sm.input.manifest)
 table = pd.read_parquet(sm.input.table)
 test = table[table.split == "test"].reset_index(drop=True)
 p_true = answer_probabilities(adapter, test, batch_size=32, allow_shared_prefix=True)

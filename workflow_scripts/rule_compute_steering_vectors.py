@@ -2,10 +2,9 @@
 contrast prompts, and, for models with a recurrent state and a state mode, the mean state difference
 per layer."""
 
-from pathlib import Path
 
 from workflow_scripts import CODE_VERSION
-from workflow_scripts.adapters import load_adapter
+from workflow_scripts.adapters import load_job_adapter
 from workflow_scripts.behavior_data import load_prepared
 from workflow_scripts.jobs import start_job
 from workflow_scripts.steering import (
@@ -23,7 +22,7 @@ positive, negative, layers = answer_activations(sm.input.activations)  # (N, L, 
 residual = {"caa": caa_vectors(positive, negative), "lda": lda_vectors(positive, negative)}
 log.info("residual vectors from %d positive / %d negative prompts, %d layers", len(positive), len(negative), len(layers))
 
-adapter = load_adapter(sm.params.spec, sm.wildcards.model, Path(sm.input.manifest).parent / "weights")
+adapter = load_job_adapter(sm.params.spec, sm.wildcards.model, sm.input.manifest)
 deltas = None
 if sm.params.state and adapter.has_recurrent_state:  # only where a state mode is configured
     items = load_prepared(sm.input.behavior_items)["generate"]

@@ -2,11 +2,10 @@
 configured variant (vector kind, answer format, steered positions, residual / state / both)."""
 
 import itertools
-from pathlib import Path
 
 import pandas as pd
 
-from workflow_scripts.adapters import load_adapter
+from workflow_scripts.adapters import load_job_adapter
 from workflow_scripts.atomic import atomic_path
 from workflow_scripts.behavior_data import load_prepared
 from workflow_scripts.jobs import start_job
@@ -15,7 +14,7 @@ from workflow_scripts.steering import AB_LABELS, NUMBERED_LABELS, load_vectors, 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)
 settings = sm.params.settings
-adapter = load_adapter(sm.params.spec, sm.wildcards.model, Path(sm.input.manifest).parent / "weights")
+adapter = load_job_adapter(sm.params.spec, sm.wildcards.model, sm.input.manifest)
 residual, deltas, info = load_vectors(sm.input.vectors)
 test_items = load_prepared(sm.input.behavior_items)["test"]
 formats = {"ab": (test_items, AB_LABELS), "numbered": (to_numbered_format(test_items), NUMBERED_LABELS)}

@@ -1,9 +1,8 @@
 """Rule extract_activations: one model x one prompt set -> Parquet of residual-stream activations."""
 
-from pathlib import Path
 
 from workflow_scripts.activations import extract_activations
-from workflow_scripts.adapters import load_adapter
+from workflow_scripts.adapters import load_job_adapter
 from workflow_scripts.jobs import start_job
 from workflow_scripts.prompts import load_prompt_set, tokenize_prompts
 
@@ -11,7 +10,7 @@ sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)
 settings = sm.params.extraction
 items = load_prompt_set(sm.input.prompts)
-adapter = load_adapter(sm.params.spec, sm.wildcards.model, Path(sm.input.manifest).parent / "weights")
+adapter = load_job_adapter(sm.params.spec, sm.wildcards.model, sm.input.manifest)
 token_lists = tokenize_prompts(adapter, items, sm.params.template)
 log.info("%d prompts, %d tokens, model %s", len(items), sum(map(len, token_lists)), sm.wildcards.model)
 extract_activations(

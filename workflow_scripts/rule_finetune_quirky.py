@@ -7,14 +7,14 @@ from pathlib import Path
 import pandas as pd
 
 from workflow_scripts import CODE_VERSION
-from workflow_scripts.adapters import load_adapter
+from workflow_scripts.adapters import load_job_adapter
 from workflow_scripts.atomic import atomic_write_text
 from workflow_scripts.finetune import finetune_quirky
 from workflow_scripts.jobs import start_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)
-adapter = load_adapter(sm.params.base_spec, sm.wildcards.base, Path(sm.input.base_manifest).parent / "weights")
+adapter = load_job_adapter(sm.params.base_spec, sm.wildcards.base, sm.input.base_manifest)
 table = pd.read_parquet(sm.input.table)
 settings = dict(sm.params.finetune)
 settings["betas"] = tuple(settings["betas"])

@@ -1,6 +1,7 @@
 """Rule prepare_corpus: a seeded sample of token sequences, disjoint train and evaluation documents,
 in one model's tokenization."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from workflow_scripts.lens import (
     read_text_files,
     sequence_length,
 )
-from workflow_scripts.model_sources import load_model_tokenizer
+from workflow_scripts.model_sources import load_model_tokenizer, pinned_spec
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)
@@ -28,7 +29,8 @@ else:
     texts = load_hf_texts(source["name"], source["split"], source.get("text_column", "text"),
                           config_name=source.get("config"), revision=source["revision"])
     name = f"{source['name']} ({source['split']})"
-tokenizer = load_model_tokenizer(sm.params.spec, Path(sm.input.manifest).parent / "weights")
+manifest = json.loads(Path(sm.input.manifest).read_text())
+tokenizer = load_model_tokenizer(pinned_spec(sm.params.spec, manifest), Path(sm.input.manifest).parent / "weights")
 eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
 seq_len = sequence_length(corpus["seq_len"], getattr(tokenizer, "model_max_length", None))
 if seq_len != corpus["seq_len"]:

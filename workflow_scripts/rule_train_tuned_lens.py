@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.adapters import load_adapter
+from workflow_scripts.adapters import load_job_adapter
 from workflow_scripts.jobs import start_job
 from workflow_scripts.lens import TunedLens, save_lens, train_lens
 
@@ -14,7 +14,7 @@ sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)
 training = dict(sm.params.training)
 checkpoint_every = training.pop("checkpoint_every")
-adapter = load_adapter(sm.params.spec, sm.wildcards.model, Path(sm.input.manifest).parent / "weights")
+adapter = load_job_adapter(sm.params.spec, sm.wildcards.model, sm.input.manifest)
 train_tokens = np.load(sm.input.corpus)["train"]
 lens = TunedLens(adapter, include_input=True)
 checkpoint = Path(sm.output.weights).with_name("checkpoint.pt")
