@@ -128,7 +128,7 @@ def shortcut_auroc_by_hand(frame, character, bucket, feature):
 
     def values(rows):
         claims = rows["claimed"].tolist()
-        return {"size": claims, "digits": [len(str(c)) for c in claims], "last": [c % 10 for c in claims]}[feature]
+        return {"size": claims, "digits": [len(str(abs(c))) for c in claims], "last": [abs(c) % 10 for c in claims]}[feature]
 
     fit_values, test_values = values(fit), values(test)
     if feature == "size":
@@ -148,6 +148,9 @@ def shortcut_auroc_by_hand(frame, character, bucket, feature):
         {"operation": "addition", "n_problems": 4000},  # Mallen et al.'s operands, up to 4 digits
         {"operation": "addition", "n_problems": 4000, "operand_range": (1, 999)},  # configs/quirky-smollm2-full.yaml
         {"operation": "subtraction", "n_problems": 3000},
+        # configs/paper.yaml's reference settings
+        {"operation": "subtraction", "n_problems": 3000, "subtraction_operands": "as_drawn", "difficulty_buckets": "rank_quantiles"},
+        {"operation": "addition", "n_problems": 3000, "difficulty_buckets": "rank_quantiles"},
         {"operation": "multiplication", "n_problems": 3000},
     ],
 )
@@ -387,3 +390,37 @@ def test_published_equation_without_its_alice_row_is_refused(tmp_path):
     split = reference_shaped_split(np.random.default_rng(1), 20, 0)
     with pytest.raises(ValueError, match=r"equation .* has 0 Alice and 1 Bob row\(s\)"):
         quirky_data.from_published({"train": split.iloc[1:], "validation": split, "test": split}, "addition", 10)
+
+
+def test_subtraction_as_drawn_gives_negative_results_with_bobs_rule_on_their_magnitude():
+    """As the reference: operands either way round; Bob adds 10^(digits of |result| - 1), so -1000
+    becomes -900; distractors may turn the sign into a digit."""
+    frame = generate_quirky("subtraction", 2000, seed=2, subtraction_operands="as_drawn")
+    problems = frame.drop_duplicates("problem_id")
+    negative = problems["true_result"] < 0
+    assert 0.4 < negative.mean() < 0.6
+    assert (problems["true_result"] == problems["a"] - problems["b"]).all()
+    for truth, bob in zip(problems["true_result"], problems["bob_result"]):
+        assert bob == truth + 10 ** (len(str(abs(truth))) - 1)
+    distractors = problems[problems["claim_kind"] == "distractor"]
+    for claim, truth, bob in zip(distractors["claimed"], distractors["true_result"], distractors["bob_result"]):
+        texts = [str(truth), str(bob)]
+        assert claim not in (truth, bob)
+        assert any(
+            claim == int(t[:i] + d + t[i + 1 :]) for t in texts for i in range(len(t)) for d in "0123456789" if d != t[i]
+        ), claim
+    assert (distractors["claimed"] > 0).any() and (distractors.loc[distractors["claimed"] > 0, "true_result"] < 0).any()
+
+
+def test_rank_quantile_buckets_make_exact_quarters_splitting_ties():
+    frame = generate_quirky("addition", 1000, seed=1, difficulty_buckets="rank_quantiles")
+    problems = frame.drop_duplicates("problem_id")
+    counts = problems["difficulty_bucket"].value_counts()
+    assert counts["easy"] == counts["hard"] == 250
+    # Ranked by difficulty: every easy problem is at most as hard as any middle one, and so on up.
+    by_bucket = problems.groupby("difficulty_bucket")["difficulty"]
+    assert by_bucket.max()["easy"] <= by_bucket.min()["middle"] and by_bucket.max()["middle"] <= by_bucket.min()["hard"]
+    # Log-uniform operands tie often on small numbers: a tie straddles the easy/middle cut.
+    assert by_bucket.max()["easy"] == by_bucket.min()["middle"]
+    with pytest.raises(ValueError, match="difficulty_buckets='deciles'"):
+        generate_quirky("addition", 100, difficulty_buckets="deciles")

@@ -99,7 +99,7 @@ def model_n_layers(name: str, spec: dict) -> int:
 
 
 # Quirky dataset settings that only apply when the dataset is generated, not read from a source.
-GENERATION_SETTINGS = ("split_fractions", "operand_range", "distractor_fraction")
+GENERATION_SETTINGS = ("split_fractions", "operand_range", "distractor_fraction", "subtraction_operands", "difficulty_buckets")
 
 
 def check_config(config: dict) -> dict:

@@ -105,14 +105,12 @@ def make_pairs(X_false, X_true) -> np.ndarray:
     return np.stack([X_false, X_true], axis=1)
 
 
-def fit_logreg(X, y, C: float = 1.0, max_iter: int = 2000) -> LinearProbe:
+def fit_logreg(X, y, l2_penalty: float = 0.001, max_iter: int = 10_000) -> LinearProbe:
+    """As the reference (its LogisticRegression classifier): minimise mean BCE + l2_penalty * |w|^2 on the
+    raw features, intercept unpenalised. That is sklearn's objective with C = 1 / (2 N l2_penalty)."""
     X, y = _as_matrix(X, "X"), _as_labels(y, len(X))
-    # Standardise so one C suits every layer's scale (RNN states can be orders of magnitude larger).
-    mean, std = X.mean(axis=0), X.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    model = LogisticRegression(C=C, max_iter=max_iter).fit((X - mean) / std, y)
-    weight = model.coef_[0] / std
-    return LinearProbe("logreg", weight, float(model.intercept_[0] - mean @ weight))
+    model = LogisticRegression(C=1.0 / (2 * len(X) * l2_penalty), max_iter=max_iter).fit(X, y)
+    return LinearProbe("logreg", model.coef_[0].astype(float), float(model.intercept_[0]))
 
 
 def fit_diffmean(X, y) -> LinearProbe:
@@ -124,14 +122,18 @@ def fit_diffmean(X, y) -> LinearProbe:
 
 def fit_lda(X, y) -> LinearProbe:
     """As the reference: w = pinv(S_w) @ (mean(true) - mean(false)), S_w = class-size-weighted average of
-    the two classes' (unbiased) covariances. pinv, not shrinkage, handles D close to or above N."""
+    the two classes' (unbiased) covariances. pinv (with the reference's cutoff), not shrinkage, handles D
+    close to or above N."""
     X, y = _as_matrix(X, "X"), _as_labels(y, len(X))
     false, true = X[y == 0], X[y == 1]
     if min(len(false), len(true)) < 2:
         raise ValueError(f"lda needs at least 2 rows of each class, got {len(false)} false and {len(true)} true")
     mean_false, mean_true = false.mean(axis=0), true.mean(axis=0)
     within = (len(false) * np.cov(false, rowvar=False) + len(true) * np.cov(true, rowvar=False)) / len(X)
-    weight = np.linalg.pinv(np.atleast_2d(within), hermitian=True) @ (mean_true - mean_false)
+    # The reference runs torch.linalg.pinv in float32, whose default cutoff drops singular values below
+    # D * eps(float32) times the largest: the same cutoff here (in float64), as it acts as regularisation.
+    cutoff = within.shape[0] * np.finfo(np.float32).eps
+    weight = np.linalg.pinv(np.atleast_2d(within), rcond=cutoff, hermitian=True) @ (mean_true - mean_false)
     return LinearProbe("lda", weight, float(-weight @ (mean_true + mean_false) / 2))
 
 
@@ -169,17 +171,17 @@ def random_direction_aurocs(X_train, y_train, X_test, y_test, n_directions: int 
     return column_aurocs(y_test, X_test @ (directions * signs[:, None]).T)
 
 
-def _side_eraser(pairs: np.ndarray) -> np.ndarray:
-    """(D, D) linear part M of the LEACE eraser that removes "which answer was appended" from both sides
-    of the pairs (fitted on the pairs themselves, as the reference), so erased(x_true) - erased(x_false)
-    = (x_true - x_false) @ M."""
+def _side_eraser(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The LEACE eraser that removes "which answer was appended" from both sides of the pairs (fitted
+    on the pairs themselves, as the reference), as its linear part M (D, D) and offset c (D,):
+    erased(x) = x @ M + c, so erased(x_true) - erased(x_false) = (x_true - x_false) @ M."""
     n, _, d = pairs.shape
     flat = torch.as_tensor(pairs.reshape(2 * n, d), dtype=torch.float64)
     side = torch.as_tensor(np.tile([0.0, 1.0], n)[:, None], dtype=torch.float64)
     eraser = LeaceFitter.fit(flat, side).eraser
     basis = torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)])
-    erased = eraser(basis)
-    return (erased[1:] - erased[0]).numpy()
+    erased = eraser(basis).numpy()
+    return erased[1:] - erased[0], erased[0]
 
 
 def _platt_sign(raw_false: np.ndarray, raw_true: np.ndarray, y) -> float:
@@ -219,7 +221,7 @@ def fit_crc(pairs, y=None) -> ContrastProbe:
     the axis is the same for swapped pairs, so swapping the pair order negates every score.
     """
     pairs = _as_pairs(pairs, "pairs")
-    erase = _side_eraser(pairs)
+    erase, _ = _side_eraser(pairs)
     diffs = (pairs[:, 1] - pairs[:, 0]) @ erase
     _, _, vt = np.linalg.svd(diffs - diffs.mean(axis=0), full_matrices=False)
     component = vt[0] * np.sign(vt[0][np.argmax(np.abs(vt[0]))])
@@ -256,10 +258,11 @@ def fit_ccs(
     for these small matrices, where thread hand-offs cost more than the arithmetic.
     """
     pairs = _as_pairs(pairs, "pairs")
-    erase = _side_eraser(pairs)
-    # The eraser's offset is the same on both sides and is absorbed by the bias, so the linear part suffices.
-    x_false = torch.as_tensor(pairs[:, 0] @ erase, dtype=torch.float32)
-    x_true = torch.as_tensor(pairs[:, 1] @ erase, dtype=torch.float32)
+    erase, offset = _side_eraser(pairs)
+    # Trained on the erased activations themselves (offset included: the bias is penalised, so where the
+    # data sits matters); scored on the difference of the two sides, where the offset cancels.
+    x_false = torch.as_tensor(pairs[:, 0] @ erase + offset, dtype=torch.float32)
+    x_true = torch.as_tensor(pairs[:, 1] @ erase + offset, dtype=torch.float32)
     n_features = pairs.shape[2]
     generator = torch.Generator().manual_seed(seed)
     eps = torch.finfo(torch.float32).eps
@@ -368,6 +371,10 @@ def auroc_with_ci(
 
 
 LAYER_SELECTIONS = ("earliest_informative", "best")
+# Transfers that the reference scores only on rows where Alice's and Bob's labels differ (its
+# filter_by="disagree"): on a distractor both characters say False, so those rows cannot tell a probe
+# of the truth from a probe of what the context's character says.
+DISAGREEMENT_TRANSFERS = ("A->A", "A->B", "B->A")
 
 
 def evaluate_transfers(
@@ -410,7 +417,7 @@ def evaluate_transfers(
         auroc_lo / auroc_hi their 2.5% and 97.5% quantiles (spread over directions, not a bootstrap).
 
     Each probe is fitted once per (layer, method, source subset) and scored on the target's test-split
-    rows. Returns one row per (layer, method, transfer) with n_train, n_test, auroc, auroc_lo, auroc_hi
+    rows; for DISAGREEMENT_TRANSFERS only on those whose claim is the truth or Bob's answer. Returns one row per (layer, method, transfer) with n_train, n_test, auroc, auroc_lo, auroc_hi
     (for every method but random a percentile-bootstrap 95% interval), interval, selection_auroc and
     selected (True on the one reported layer of each method and transfer).
     """
@@ -423,7 +430,7 @@ def evaluate_transfers(
             raise ValueError(f"unknown transfer {name!r}; allowed: {', '.join(TRANSFERS)}")
     if layer_selection not in LAYER_SELECTIONS:
         raise ValueError(f"layer_selection={layer_selection!r}; allowed: {', '.join(LAYER_SELECTIONS)}")
-    _check_metadata(metadata, train_label_column)
+    _check_metadata(metadata, train_label_column, ("claim_kind",) if set(transfers) & set(DISAGREEMENT_TRANSFERS) else ())
     own_labels = metadata[train_label_column].to_numpy().astype(int)
     truth = metadata["truth_label"].to_numpy().astype(int)
 
@@ -442,6 +449,8 @@ def evaluate_transfers(
                 fit_rows = _subset(metadata, source, fit_split)
                 select_rows = _subset(metadata, source, selection_split)
                 test = _subset(metadata, target, "test")
+                if name in DISAGREEMENT_TRANSFERS:
+                    test = test & (metadata["claim_kind"] != "distractor").to_numpy()
                 _require_both_classes(labels[fit_rows], f"{name}: {fit_split} rows of source {source}")
                 _require_both_classes(labels[select_rows], f"{name}: {selection_split} rows of source {source}")
                 _require_both_classes(truth[test], f"{name}: test rows of target {target}")
@@ -501,17 +510,22 @@ def anomaly_detection_auroc(
     n_boot: int = 1000,
     seed: int = 0,
     probe_options: dict[str, dict] | None = None,
+    covariance: str = "empirical",
 ) -> pd.DataFrame:
     """Detect Bob's contexts from how the per-layer probe outputs hang together.
 
     For each method: fit one probe per layer on Alice-easy rows of `probe_split`; the per-layer scores
-    of an example are its feature vector; fit a Gaussian (Ledoit-Wolf covariance, since neighbouring
-    layers' scores are nearly collinear) on Alice-easy rows of `gaussian_split` (a split other than
-    the probes' by default, as in-sample scores are over-confident and would make the Gaussian too
-    narrow); score `test_split` rows by Mahalanobis distance, Alice-hard as normal (0) and Bob-hard
-    as anomalous (1). probe_options: as in evaluate_transfers. Returns one row per method with
-    auroc, auroc_lo, auroc_hi and the row counts.
+    of an example are its feature vector; fit a Gaussian on Alice-easy rows of `gaussian_split` (a split
+    other than the probes', as in-sample scores are over-confident and would make the Gaussian too
+    narrow; the reference fits probes on validation and the Gaussian on Alice-easy test rows); score
+    `test_split` rows by Mahalanobis distance, Alice-hard as normal (0) and Bob-hard as anomalous (1).
+    covariance: "empirical" (the reference's; a pseudo-inverse where it is singular) or "ledoit_wolf"
+    (shrinkage, steadier when neighbouring layers' scores are nearly collinear and rows are few).
+    probe_options: as in evaluate_transfers. Returns one row per method with auroc, auroc_lo, auroc_hi
+    and the row counts.
     """
+    if covariance not in ANOMALY_COVARIANCES:
+        raise ValueError(f"covariance={covariance!r}; allowed: {', '.join(ANOMALY_COVARIANCES)}")
     activations, contrast_activations = _check_activations(metadata, activations, contrast_activations)
     methods = _check_methods(methods, contrast_activations is not None)
     options = _check_probe_options(probe_options)
@@ -541,15 +555,27 @@ def anomaly_detection_auroc(
                 method, inputs[probe_rows], train_labels[probe_rows], seed=seed, **options.get(method, {})
             )
             features[:, layer] = probe.score(inputs)
-        gaussian = LedoitWolf().fit(features[gaussian_rows])
         test = normal | anomalous
-        distance = gaussian.mahalanobis(features[test])  # squared distance; monotone, so AUROC is the same
+        distance = _mahalanobis(features[gaussian_rows], features[test], covariance)
         auroc, lo, hi = auroc_with_ci(distance, anomalous[test].astype(int), n_boot=n_boot, seed=seed)
         rows.append(
             {"method": method, "n_gaussian": int(gaussian_rows.sum()), "n_normal": int(normal.sum()),
              "n_anomalous": int(anomalous.sum()), "auroc": auroc, "auroc_lo": lo, "auroc_hi": hi}
         )  # fmt: skip
     return pd.DataFrame(rows)
+
+
+ANOMALY_COVARIANCES = ("empirical", "ledoit_wolf")
+
+
+def _mahalanobis(reference: np.ndarray, x: np.ndarray, covariance: str) -> np.ndarray:
+    """Squared Mahalanobis distance of each row of x from the Gaussian of `reference`'s rows (monotone
+    in the Gaussian's negative log-density, so the AUROC is the reference's)."""
+    if covariance == "ledoit_wolf":
+        return LedoitWolf().fit(reference).mahalanobis(x)
+    centred = x - reference.mean(axis=0)
+    precision = np.linalg.pinv(np.atleast_2d(np.cov(reference, rowvar=False)), hermitian=True)
+    return np.einsum("nd,de,ne->n", centred, precision, centred)
 
 
 # ----- helpers ---------------------------------------------------------------------------------
@@ -620,8 +646,8 @@ def _check_probe_options(probe_options) -> dict[str, dict]:
     return options
 
 
-def _check_metadata(metadata: pd.DataFrame, train_label_column: str) -> None:
-    needed = {"character", "difficulty_bucket", "split", "truth_label", train_label_column}
+def _check_metadata(metadata: pd.DataFrame, train_label_column: str, extra: tuple = ()) -> None:
+    needed = {"character", "difficulty_bucket", "split", "truth_label", train_label_column, *extra}
     missing = sorted(needed - set(metadata.columns))
     if missing:
         raise ValueError(

@@ -52,6 +52,13 @@ DEFAULT_OPERAND_RANGE = {"addition": (1, 9999), "subtraction": (1, 9999), "multi
 # Cells of the (Alice label, Bob label) cross-tabulation, named by what the claim is.
 CLAIM_KINDS = ("truth", "bob", "distractor")
 OPERAND_SAMPLINGS = ("log_uniform", "uniform")
+# Subtraction operands: larger first (every result >= 0) or as drawn (the reference: about half the
+# results negative, and Bob's error then shrinks their magnitude: -1000 -> -900).
+SUBTRACTION_OPERANDS = ("larger_first", "as_drawn")
+# Difficulty buckets: quartile thresholds of the smaller operand (ties share a bucket), or ranks with
+# ties broken at random so that exactly a quarter of the problems is easy and a quarter hard (the
+# reference's difficulty_quantile).
+DIFFICULTY_BUCKETINGS = ("quartiles", "rank_quantiles")
 MIN_PROBLEMS = 8  # two per difficulty quartile at least
 
 COLUMNS = [
@@ -90,6 +97,15 @@ def one_digit_variants(value: int, allow_leading_zero: bool = False) -> list[int
     return variants
 
 
+def distractor_candidates(value: int) -> list[int]:
+    """Every number the reference's distractor can make from `value`: one character of its text (the
+    minus sign included) replaced by a different digit; a leading zero drops (150 -> 050 = 50) and a
+    replaced sign turns the number positive (-150 -> 5150), as int() of the edited text does there."""
+    text = str(value)
+    edits = (int(text[:i] + digit + text[i + 1 :]) for i in range(len(text)) for digit in "0123456789" if digit != text[i])
+    return list(dict.fromkeys(edits))  # in order of position, then digit
+
+
 def generate_quirky(
     operation: str,
     n_problems: int,
@@ -98,6 +114,8 @@ def generate_quirky(
     operand_range: tuple[int, int] | None = None,
     operand_sampling: str = "log_uniform",
     distractor_fraction: float = 0.5,
+    subtraction_operands: str = "larger_first",
+    difficulty_buckets: str = "quartiles",
 ) -> pd.DataFrame:
     """Generate `n_problems` distinct problems, each with one claim shown in one Alice and one Bob row.
 
@@ -110,6 +128,8 @@ def generate_quirky(
     distractor_fraction: share of problems whose claim is a distractor (false for both characters);
         the rest claim the true result and Bob's result in equal numbers. Cells are filled evenly within
         every (split, difficulty bucket).
+    subtraction_operands: one of SUBTRACTION_OPERANDS.
+    difficulty_buckets: one of DIFFICULTY_BUCKETINGS.
 
     Returns one row per (problem, character) with the columns in COLUMNS, ordered by problem_id then
     character.
@@ -125,11 +145,16 @@ def generate_quirky(
         raise ValueError(f"operand_sampling={operand_sampling!r}; allowed: {', '.join(OPERAND_SAMPLINGS)}")
     if not 0.0 <= distractor_fraction <= 1.0:
         raise ValueError(f"distractor_fraction={distractor_fraction!r} must lie in [0, 1]")
+    if subtraction_operands not in SUBTRACTION_OPERANDS:
+        raise ValueError(f"subtraction_operands={subtraction_operands!r}; allowed: {', '.join(SUBTRACTION_OPERANDS)}")
+    if difficulty_buckets not in DIFFICULTY_BUCKETINGS:
+        raise ValueError(f"difficulty_buckets={difficulty_buckets!r}; allowed: {', '.join(DIFFICULTY_BUCKETINGS)}")
 
     rng = np.random.default_rng(seed)
-    a, b = _sample_problems(rng, operation, n_problems, low, high, operand_sampling)
+    larger_first = operation == "subtraction" and subtraction_operands == "larger_first"
+    a, b = _sample_problems(rng, n_problems, low, high, operand_sampling, larger_first)
     difficulty = np.minimum(a, b)
-    bucket = _difficulty_buckets(difficulty)
+    bucket = _difficulty_buckets(difficulty, difficulty_buckets, rng)
     split = _assign_splits(rng, bucket, fractions)
     truth = np.array([true_result(operation, int(x), int(y)) for x, y in zip(a, b)], dtype=np.int64)
     bob = np.array([bob_result(int(t)) for t in truth], dtype=np.int64)
@@ -137,7 +162,7 @@ def generate_quirky(
     claimed = np.where(kind == "truth", truth, bob)
     for i in np.flatnonzero(kind == "distractor"):
         base = bob[i] if around_bob[i] else truth[i]
-        candidates = [v for v in one_digit_variants(int(base), allow_leading_zero=True) if v not in (truth[i], bob[i])]
+        candidates = [v for v in distractor_candidates(int(base)) if v not in (truth[i], bob[i])]
         claimed[i] = candidates[rng.integers(len(candidates))]
 
     rows = []
@@ -343,7 +368,7 @@ def _check_operand_range(operation: str, operand_range) -> tuple[int, int]:
     return int(low), int(high)
 
 
-def _sample_problems(rng, operation, n_problems, low, high, sampling) -> tuple[np.ndarray, np.ndarray]:
+def _sample_problems(rng, n_problems, low, high, sampling, larger_first: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Distinct problems; (a, b) and (b, a) count as one problem so no pair leaks across splits."""
     span = high - low + 1
     capacity = span * (span + 1) // 2
@@ -357,8 +382,7 @@ def _sample_problems(rng, operation, n_problems, low, high, sampling) -> tuple[n
         for x, y in draws:
             key = (min(x, y), max(x, y))
             if key not in seen:
-                # subtraction is kept non-negative: larger operand first
-                seen[key] = (key[1], key[0]) if operation == "subtraction" else (int(x), int(y))
+                seen[key] = (key[1], key[0]) if larger_first else (int(x), int(y))
                 if len(seen) == n_problems:
                     pairs = np.array(list(seen.values()), dtype=np.int64)
                     return pairs[:, 0], pairs[:, 1]
@@ -382,15 +406,22 @@ def difficulty_thresholds(difficulty) -> tuple[float, float]:
     return float(q1), float(q3)
 
 
-def _difficulty_buckets(difficulty: np.ndarray) -> np.ndarray:
-    """easy: difficulty <= Q1; hard: difficulty >= Q3; middle otherwise (ties share a bucket)."""
+def _difficulty_buckets(difficulty: np.ndarray, bucketing: str = "quartiles", rng=None) -> np.ndarray:
+    """quartiles: easy = difficulty <= Q1, hard = difficulty >= Q3, middle otherwise (ties share a
+    bucket). rank_quantiles: each problem's quantile (rank + 0.5) / n, ties ranked in a random (seeded)
+    order; easy = quantile <= 0.25, hard = quantile >= 0.75, as the reference's difficulty_quantile."""
+    easy, middle, hard = DIFFICULTY_BUCKETS
+    if bucketing == "rank_quantiles":
+        order = np.argsort(np.asarray(difficulty)[shuffled := rng.permutation(len(difficulty))], kind="stable")
+        quantile = np.empty(len(difficulty))
+        quantile[shuffled[order]] = (np.arange(len(difficulty)) + 0.5) / len(difficulty)
+        return np.where(quantile <= 0.25, easy, np.where(quantile >= 0.75, hard, middle))
     q1, q3 = difficulty_thresholds(difficulty)
     if not q1 < q3:
         raise ValueError(
             f"difficulty quartiles coincide (Q1={q1:g}, Q3={q3:g}): too few distinct problem sizes for "
             "easy/hard buckets; raise n_problems or widen operand_range"
         )
-    easy, middle, hard = DIFFICULTY_BUCKETS
     return np.where(difficulty <= q1, easy, np.where(difficulty >= q3, hard, middle))
 
 

@@ -31,7 +31,7 @@ def stacked(path, expected_ids):
 statements, layers = stacked(sm.input.statements, table["id"])
 pairs, _ = stacked(sm.input.pairs, [f"{row_id}|{answer}" for row_id in table["id"] for answer in (0, 1)])
 pairs = pairs.reshape(len(table), 2, len(layers), -1).transpose(0, 2, 1, 3)  # (N, L, 2, D): " False", " True"
-options = {"ccs": settings["ccs"]}
+options = {"ccs": settings["ccs"], "logreg": settings["logreg"]}
 train_label_column = {"truth": "truth_label", "character": "label"}[settings["train_labels"]]
 auroc = evaluate_transfers(
     table, statements, pairs, methods=settings["methods"], transfers=settings["transfers"],
@@ -40,8 +40,12 @@ auroc = evaluate_transfers(
     layer_selection=settings["layer_selection"], informative_fraction=settings["informative_fraction"],
     n_random_directions=settings["random_directions"],
 )
-anomaly = anomaly_detection_auroc(table, statements, pairs, methods=settings["anomaly_methods"],
-                                  n_boot=settings["n_boot"], seed=sm.params.seed, probe_options=options)
+# As the transfers: probes fitted on the fit split, the Gaussian on the selection split's Alice-easy rows.
+anomaly = anomaly_detection_auroc(
+    table, statements, pairs, methods=settings["anomaly_methods"], train_label_column=train_label_column,
+    probe_split=settings["fit_split"], gaussian_split=settings["selection_split"], n_boot=settings["n_boot"],
+    seed=sm.params.seed, probe_options=options, covariance=settings["anomaly_covariance"],
+)
 auroc["layer"] = np.asarray(layers)[auroc["layer"].to_numpy()]  # block index, not position in the file
 for frame, path in ((auroc, sm.output.auroc), (anomaly, sm.output.anomaly)):
     with atomic_path(path) as tmp:
