@@ -160,6 +160,19 @@ def test_accuracy_table_by_character_and_difficulty():
     lo, hi = table.loc[("Alice", "all"), ["accuracy_lo", "accuracy_hi"]]
     assert lo == pytest.approx(0.3006, abs=1e-4) and hi == pytest.approx(0.9544, abs=1e-4)
     assert list(table.index.get_level_values("difficulty")[:3]) == ["all", "easy", "hard"]
+    # Threshold-free scores: Alice's p_true ranks her true claims 0.9, 0.2 against false 0.1, 0.3 (3 of
+    # 4 pairs right); Bob's ranks his own labels perfectly, and against the truth 1 of 4 pairs.
+    assert table.loc[("Alice", "all"), "auroc"] == pytest.approx(0.75)
+    assert table.loc[("Bob", "all"), ["auroc", "truth_auroc"]].tolist() == pytest.approx([1.0, 0.25])
+    assert table.loc[("Alice", "all"), "balanced_accuracy"] == pytest.approx(0.75)
+
+
+def test_balanced_accuracy_does_not_reward_always_false():
+    """A quarter of the claims are true: answering False everywhere is 0.75 accurate, 0.5 balanced."""
+    frame = pd.DataFrame({"character": ["Alice"] * 8, "difficulty_bucket": ["easy"] * 8,
+                          "label": [1, 1, 0, 0, 0, 0, 0, 0], "truth_label": [1, 1, 0, 0, 0, 0, 0, 0]})  # fmt: skip
+    row = accuracy_table(frame, np.full(8, 0.1)).iloc[0]
+    assert row["accuracy"] == 0.75 and row["balanced_accuracy"] == 0.5 and row["auroc"] == 0.5
 
 
 @pytest.mark.parametrize(

@@ -196,8 +196,8 @@ def plot_quirky(auroc: pd.DataFrame, anomaly: pd.DataFrame, finetune: dict, accu
     axis.set(title=f"{title}: anomaly detection", ylabel="AUROC (Alice-hard vs Bob-hard)", ylim=(0, 1))
     save(figure, paths["anomaly"])
 
-    # Left: validation accuracy while training (the kept checkpoint marked); right: held-out test
-    # accuracy of the kept checkpoint by difficulty, with Wilson intervals.
+    # Left: validation accuracy while training (balanced rows; the kept checkpoint marked); right: the
+    # kept checkpoint on the held-out test rows, whose labels are a quarter true: AUROC of p(True).
     history = pd.DataFrame(
         [{"step": entry["step"], "character": character, "accuracy": entry[f"{character.lower()}_acc"]}
          for entry in finetune["history"] for character in ("Alice", "Bob")]
@@ -207,16 +207,16 @@ def plot_quirky(auroc: pd.DataFrame, anomaly: pd.DataFrame, finetune: dict, accu
     left.axvline(finetune["best_step"], color="black", linestyle=":", linewidth=1, label="kept checkpoint")
     left.axhline(0.5, color="grey", linewidth=0.8)
     left.legend(fontsize=7)
-    left.set(title="validation, while fine-tuning", ylim=(0, 1))
+    left.set(title="validation (balanced), while fine-tuning", ylabel="accuracy", ylim=(0, 1))
     order = list(dict.fromkeys(accuracy.difficulty))
-    sns.barplot(accuracy, x="difficulty", y="accuracy", hue="character", order=order, ax=right)
+    sns.barplot(accuracy, x="difficulty", y="auroc", hue="character", order=order, ax=right)
     for bars, (_, rows) in zip(right.containers, accuracy.groupby("character", sort=False)):
         rows = rows.set_index("difficulty").loc[order]
         centres = [bar.get_x() + bar.get_width() / 2 for bar in bars]
-        right.errorbar(centres, rows.accuracy, yerr=[rows.accuracy - rows.accuracy_lo, rows.accuracy_hi - rows.accuracy],
+        right.errorbar(centres, rows.auroc, yerr=[rows.auroc - rows.auroc_lo, rows.auroc_hi - rows.auroc],
                        fmt="none", color="black", capsize=2)
     right.axhline(0.5, color="grey", linewidth=0.8)
-    right.set(title="test, kept checkpoint", ylim=(0, 1))
+    right.set(title="test, kept checkpoint", ylabel="AUROC of p(True)", ylim=(0, 1))
     sns.move_legend(right, "upper left", bbox_to_anchor=(1, 1), fontsize=7, title_fontsize=7)
-    figure.suptitle(f"{title}: accuracy against each character's own label")
+    figure.suptitle(f"{title}: answers against each character's own label")
     save(figure, paths["accuracy"])

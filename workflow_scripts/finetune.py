@@ -188,33 +188,49 @@ def accuracy_by_character(df: pd.DataFrame, p_true, label_column: str = "label",
     return {c: float(np.mean(said[characters == c] == labels[characters == c])) for c in order}
 
 
-def accuracy_table(df: pd.DataFrame, p_true, threshold: float = 0.5, z: float = 1.96) -> pd.DataFrame:
-    """The model's answers (p_true > threshold) scored per character and difficulty ("all", then each
-    `difficulty_bucket` in df): `accuracy` against the character's own label (did it follow Alice's
-    truth / Bob's error?) with a Wilson score interval [accuracy_lo, accuracy_hi] at z, and
-    `truth_accuracy` against the truth."""
+def accuracy_table(
+    df: pd.DataFrame, p_true, threshold: float = 0.5, z: float = 1.96, n_boot: int = 200, seed: int = 0
+) -> pd.DataFrame:
+    """The model's answers scored per character and difficulty ("all", then each `difficulty_bucket`
+    in df), against the character's own label (did it follow Alice's truth / Bob's error?):
+    `accuracy` of p_true > threshold with a Wilson score interval at z; `balanced_accuracy` (the mean of
+    the recall of each label: with a quarter of the claims true, always saying False scores 0.75
+    accuracy but 0.5 balanced); `auroc` of p_true with a percentile-bootstrap 95% interval over
+    n_boot resamples; and `truth_accuracy` / `truth_auroc` against the truth."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
     p_true = np.asarray(p_true, dtype=float)
     if len(p_true) != len(df):
         raise ValueError(f"p_true has {len(p_true)} values for {len(df)} rows")
     said = p_true > threshold
-    right = said == (df["label"].to_numpy() == 1)
-    truthful = said == (df["truth_label"].to_numpy() == 1)
+    own, truth = df["label"].to_numpy() == 1, df["truth_label"].to_numpy() == 1
     characters = [c for c in CHARACTERS if c in set(df["character"])]
     buckets = [b for b in DIFFICULTY_BUCKETS if b in set(df["difficulty_bucket"])]
+    rng = np.random.default_rng(seed)
+
+    def auroc(labels, scores) -> float:
+        return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
+
     rows = []
     for character in characters:
         for difficulty in ["all", *buckets]:
             keep = (df["character"] == character).to_numpy()
             if difficulty != "all":
                 keep = keep & (df["difficulty_bucket"] == difficulty).to_numpy()
-            n, k = int(keep.sum()), int(right[keep].sum())
+            n, k = int(keep.sum()), int((said[keep] == own[keep]).sum())
             if n == 0:
                 continue
             centre = (k + z * z / 2) / (n + z * z)
             half = z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
-            rows.append({"character": character, "difficulty": difficulty, "n": n, "accuracy": k / n,
-                         "accuracy_lo": centre - half, "accuracy_hi": centre + half,
-                         "truth_accuracy": float(truthful[keep].mean())})  # fmt: skip
+            labels, scores = own[keep], p_true[keep]
+            boots = [auroc(labels[i], scores[i]) for i in rng.integers(0, n, size=(n_boot, n))]
+            lo, hi = np.nanquantile(boots, [0.025, 0.975]) if n_boot and not np.isnan(boots).all() else (np.nan, np.nan)
+            rows.append({"character": character, "difficulty": difficulty, "n": n, "n_true": int(labels.sum()),
+                         "accuracy": k / n, "accuracy_lo": centre - half, "accuracy_hi": centre + half,
+                         "balanced_accuracy": float(balanced_accuracy_score(labels, said[keep])),
+                         "auroc": auroc(labels, scores), "auroc_lo": float(lo), "auroc_hi": float(hi),
+                         "truth_accuracy": float((said[keep] == truth[keep]).mean()),
+                         "truth_auroc": auroc(truth[keep], scores)})  # fmt: skip
     return pd.DataFrame(rows)
 
 

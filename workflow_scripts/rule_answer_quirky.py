@@ -19,7 +19,8 @@ p_true = answer_probabilities(adapter, test, batch_size=32, allow_shared_prefix=
 answers = test[["id", "character", "difficulty_bucket", "claim_kind", "label", "truth_label"]].assign(p_true=p_true)
 accuracy = accuracy_table(test, p_true).assign(model=sm.wildcards.base, dataset=sm.wildcards.dataset)
 for row in accuracy[accuracy.difficulty == "all"].itertuples():
-    log.info("%s: test accuracy %.3f [%.3f, %.3f] on %d statements", row.character, row.accuracy, row.accuracy_lo, row.accuracy_hi, row.n)
+    log.info("%s: test AUROC %.3f [%.3f, %.3f], balanced accuracy %.3f on %d statements", row.character, row.auroc,
+             row.auroc_lo, row.auroc_hi, row.balanced_accuracy, row.n)
 with atomic_path(sm.output.answers) as tmp:
     answers.to_parquet(tmp, index=False)
 with atomic_path(sm.output.accuracy) as tmp:
