@@ -182,10 +182,15 @@ def plot_quirky(auroc: pd.DataFrame, anomaly: pd.DataFrame, finetune: dict, accu
                        kind="line", height=2.6, aspect=1.3)
     for transfer, axis in grid.axes_dict.items():
         for method, rows in auroc[auroc.transfer == transfer].groupby("method"):
-            rows = rows.sort_values("layer")  # the bootstrap interval as a band
+            rows = rows.sort_values("layer")  # the row's interval (bootstrap, or spread of random directions) as a band
             axis.fill_between(rows.layer, rows.auroc_lo, rows.auroc_hi, color=colors[method], alpha=0.12, linewidth=0)
+            if "selected" in rows:  # the reported layer, chosen on the selection split
+                chosen = rows[rows.selected.astype(bool)]
+                axis.scatter(chosen.layer, chosen.auroc, marker="*", s=70, color=colors[method], edgecolors="black",
+                             linewidths=0.5, zorder=3)
         axis.axhline(0.5, color="grey", linewidth=0.8)
-    grid.figure.suptitle(f"{title}: AUROC for the truth by layer (95% bootstrap band)", y=1.02)
+    grid.figure.suptitle(f"{title}: AUROC for the truth by layer (star: reported layer; bands: 95% bootstrap, "
+                         "random: 2.5-97.5% of its directions)", y=1.02)
     save(grid.figure, paths["probes"])
 
     figure, axis = plt.subplots(figsize=(4, 3))
