@@ -8,10 +8,10 @@ builds it), matching ANSWERS in quirky_data. All other probes read statement act
 
 Every probe is linear and exposes `score(X) -> (N,)`, higher = "true". As in Mallen et al.'s reference
 code (elk-generalization):
-  logreg      L2 logistic regression on standardised features; score = its log-odds.
+  logreg      logistic regression, mean BCE + 0.001 |w|^2 on the raw features; score = its log-odds.
   diffmean    w = mean(true) - mean(false), threshold at the midpoint of the two means.
   lda         w = pinv(S_w) (mean(true) - mean(false)), S_w the within-class covariance pooled by
-              class size, no shrinkage (the reference's LdaReporter.fit).
+              class size, no shrinkage, torch's float32 pinv cutoff (the reference's LdaReporter.fit).
   ccs         Burns et al. contrast-consistent search on LEACE-normalised pairs (the concept "which
               answer was appended" erased, `concept-erasure`), L-BFGS with L2 penalty from several
               restarts, the lowest loss kept; score = (logit(" True") - logit(" False")).
