@@ -83,7 +83,9 @@ def plot_steering(sweep: pd.DataFrame, paths: dict) -> None:
     at_best = at_best.assign(delta=at_best.p_matching - baseline.reindex(at_best.behavior).to_numpy(),
                              label=[f"{b} (block {best[b]})" for b in at_best.behavior])
     figure, (axis, paper_axis) = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
-    sns.lineplot(at_best, x="multiplier", y="delta", hue="label", marker="o", ax=axis)
+    colors = sns.color_palette(n_colors=at_best.label.nunique())
+    for color, (label, rows) in zip(colors, at_best.sort_values("multiplier").groupby("label")):
+        axis.plot(rows.multiplier, rows.delta, marker="o", color=color, label=label)
     axis.legend(title="behaviour (best block)", fontsize=7)
     axis.axhline(0, color="grey", linewidth=0.8)
     axis.set(title=f"{model}: steering effect at the best block", ylabel="change in p(matching)", xlabel="multiplier")
