@@ -164,11 +164,18 @@ def column_aurocs(labels, scores) -> np.ndarray:
 def random_direction_aurocs(X_train, y_train, X_test, y_test, n_directions: int = 1000, seed: int = 0) -> np.ndarray:
     """Test AUROCs of n_directions Gaussian random directions, each flipped so that its AUROC on the
     training rows is >= 0.5 (the reference's random baseline). Returns an (n_directions,) array."""
-    X_train, X_test = _as_matrix(X_train, "X_train"), _as_matrix(X_test, "X_test")
-    y_train, y_test = _as_labels(y_train, len(X_train)), _as_labels(y_test, len(X_test))
+    directions = oriented_random_directions(X_train, y_train, n_directions, seed)
+    X_test = _as_matrix(X_test, "X_test")
+    return column_aurocs(_as_labels(y_test, len(X_test)), X_test @ directions.T)
+
+
+def oriented_random_directions(X_train, y_train, n_directions: int = 1000, seed: int = 0) -> np.ndarray:
+    """(n_directions, D) seeded Gaussian directions, each flipped so that its training AUROC is >= 0.5."""
+    X_train = _as_matrix(X_train, "X_train")
+    y_train = _as_labels(y_train, len(X_train))
     directions = np.random.default_rng(seed).standard_normal((n_directions, X_train.shape[1]))
     signs = np.where(column_aurocs(y_train, X_train @ directions.T) >= 0.5, 1.0, -1.0)
-    return column_aurocs(y_test, X_test @ (directions * signs[:, None]).T)
+    return directions * signs[:, None]
 
 
 def _side_eraser(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -455,11 +462,10 @@ def evaluate_transfers(
                 _require_both_classes(labels[select_rows], f"{name}: {selection_split} rows of source {source}")
                 _require_both_classes(truth[test], f"{name}: test rows of target {target}")
                 if method == "random":
-                    # The same seeded directions (and signs, from the fit rows) scored on both sets.
-                    select_aurocs, test_aurocs = (
-                        random_direction_aurocs(inputs[fit_rows], labels[fit_rows], inputs[rows_], y_, n_random_directions, seed)
-                        for rows_, y_ in ((select_rows, labels[select_rows]), (test, truth[test]))
-                    )
+                    # One draw of directions, oriented on the fit rows, scored on both sets.
+                    directions = oriented_random_directions(inputs[fit_rows], labels[fit_rows], n_random_directions, seed)
+                    select_aurocs = column_aurocs(labels[select_rows], inputs[select_rows] @ directions.T)
+                    test_aurocs = column_aurocs(truth[test], inputs[test] @ directions.T)
                     auroc, (lo, hi) = float(test_aurocs.mean()), np.quantile(test_aurocs, [0.025, 0.975])
                     selection, interval = float(select_aurocs.mean()), "random directions 2.5-97.5%"
                 else:

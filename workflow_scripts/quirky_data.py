@@ -84,19 +84,6 @@ def bob_result(truth: int) -> int:
     return truth + 10 ** (len(str(abs(truth))) - 1)
 
 
-def one_digit_variants(value: int, allow_leading_zero: bool = False) -> list[int]:
-    """Every number obtained from non-negative `value` by changing exactly one digit. A leading zero
-    (which drops a digit: 150 -> 050 = 50) only with allow_leading_zero, as Mallen et al.'s distractors."""
-    digits = str(value)
-    variants = []
-    for position, current in enumerate(digits):
-        lowest = 1 if position == 0 and len(digits) > 1 and not allow_leading_zero else 0
-        for replacement in range(lowest, 10):
-            if str(replacement) != current:
-                variants.append(int(digits[:position] + str(replacement) + digits[position + 1 :]))
-    return variants
-
-
 def distractor_candidates(value: int) -> list[int]:
     """Every number the reference's distractor can make from `value`: one character of its text (the
     minus sign included) replaced by a different digit; a leading zero drops (150 -> 050 = 50) and a
@@ -412,7 +399,8 @@ def _difficulty_buckets(difficulty: np.ndarray, bucketing: str = "quartiles", rn
     order; easy = quantile <= 0.25, hard = quantile >= 0.75, as the reference's difficulty_quantile."""
     easy, middle, hard = DIFFICULTY_BUCKETS
     if bucketing == "rank_quantiles":
-        order = np.argsort(np.asarray(difficulty)[shuffled := rng.permutation(len(difficulty))], kind="stable")
+        shuffled = rng.permutation(len(difficulty))  # a stable sort of shuffled rows breaks ties at random
+        order = np.argsort(np.asarray(difficulty)[shuffled], kind="stable")
         quantile = np.empty(len(difficulty))
         quantile[shuffled[order]] = (np.arange(len(difficulty)) + 0.5) / len(difficulty)
         return np.where(quantile <= 0.25, easy, np.where(quantile >= 0.75, hard, middle))
