@@ -107,7 +107,7 @@ def behavior_settings(wildcards):
 
 
 def steering_sweep_settings(wildcards):
-    keys = ("multipliers", "layers", "positions", "formats", "vectors")
+    keys = ("multipliers", "layers", "positions", "formats", "vectors", "layers_per_pass")
     settings = {key: config["steering"][key] for key in keys}
     return {**settings, "modes": steering_modes(config, wildcards.model)}
 

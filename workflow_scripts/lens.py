@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
@@ -253,10 +254,16 @@ def collect_streams(adapter: ModelAdapter, token_ids: torch.Tensor, include_inpu
     return dict(zip(layers, stream)), logits
 
 
-def kl_from_final(final_logprobs: torch.Tensor, lens_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(final || lens), in nats; inputs (..., V)."""
-    lens_logprobs = lens_logits.float().log_softmax(-1)
-    return (final_logprobs.exp() * (final_logprobs - lens_logprobs)).sum(-1).mean()
+def kl_from_final(final_logprobs: torch.Tensor, lens_logits: torch.Tensor, final_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens of KL(final || lens), in nats; inputs (..., V). Computed as the soft-label
+    cross-entropy minus the final distribution's entropy: torch's fused cross_entropy keeps one
+    (tokens x vocab) tensor for the backward pass instead of three. Pass `final_probs` (the exp of
+    final_logprobs) when calling it for many lenses on the same tokens."""
+    vocab = lens_logits.shape[-1]
+    final_probs = final_logprobs.exp() if final_probs is None else final_probs
+    final_entropy = -(final_probs * final_logprobs).sum(-1).mean()
+    cross_entropy = F.cross_entropy(lens_logits.float().reshape(-1, vocab), final_probs.reshape(-1, vocab))
+    return cross_entropy - final_entropy
 
 
 @contextlib.contextmanager
@@ -396,9 +403,10 @@ def train_lens(
                 token_ids = torch.as_tensor(train_tokens[rows], dtype=torch.long, device=device)
                 streams, logits = collect_streams(adapter, token_ids, lens.include_input)
                 final_logprobs = logits.float().log_softmax(-1)
+                final_probs = final_logprobs.exp()
                 # One backward per layer: only one layer's (tokens x vocab) logits are alive at a time.
                 for position, layer in enumerate(lens.layers):
-                    kl = kl_from_final(final_logprobs, lens(streams[layer], layer))
+                    kl = kl_from_final(final_logprobs, lens(streams[layer], layer), final_probs)
                     (kl * weight).backward()
                     layer_kl[position] += kl.item() * weight
             clip_grad_norm_(lens.translators.parameters(), max_grad_norm)
@@ -510,15 +518,16 @@ def evaluate_lenses(
         token_ids = torch.as_tensor(eval_tokens[first : first + batch_size], dtype=torch.long, device=adapter.device)
         streams, logits = collect_streams(adapter, token_ids, include_input)
         final_logprobs = logits[:, :-1].float().log_softmax(-1)
+        final_probs = final_logprobs.exp()
+        final_plogp = (final_probs * final_logprobs).sum()  # minus the final entropy, summed over tokens
         targets = token_ids[:, 1:]
         n_tokens += targets.numel()
         for name, read in lenses.items():
             for layer in layers:
                 logprobs = read(streams[layer][:, :-1], layer).float().log_softmax(-1)
-                probs = logprobs.exp()
                 ce = -logprobs.gather(-1, targets[..., None]).sum()
-                kl = (final_logprobs.exp() * (final_logprobs - logprobs)).sum()
-                entropy = -(probs * logprobs).sum()
+                kl = final_plogp - (final_probs * logprobs).sum()
+                entropy = -(logprobs.exp() * logprobs).sum()
                 sums[name, layer] += torch.stack([ce, kl, entropy]).double().cpu().numpy()
 
     to_bits_per_byte = n_tokens / n_bytes / LN2

@@ -133,6 +133,18 @@ def _convert_mamba_ssm(directory: Path, dtype):
     return model.to(dtype)
 
 
+def dequantized_gguf(path: Path, dtype):
+    """A GGUF file as a float model and its tokenizer (transformers de-quantizes on load)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # Dropping the GGUF quantization marks lets the model be saved (conversion, fine-tuning).
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
 def _hub_dir(source: dict) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -163,8 +175,8 @@ def load_model_tokenizer(spec: dict, model_dir: Path | None = None):
     kind = source_kind(spec)
     if "tokenizer" in spec:
         tokenizer = load_tokenizer(spec["tokenizer"], bool(spec.get("trust_remote_code")))
-    elif kind == "tiny":
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    elif kind == "tiny" or (kind == "gguf" and model_dir is not None and (Path(model_dir) / "config.json").is_file()):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)  # saved by build_model
     else:
         tokenizer = load_tokenizer({kind: spec["source"][kind]}, bool(spec.get("trust_remote_code")))
     if "chat_template" in spec:
@@ -173,8 +185,8 @@ def load_model_tokenizer(spec: dict, model_dir: Path | None = None):
 
 
 def load_model(spec: dict, name: str | None = None, model_dir: Path | None = None) -> LoadedModel:
-    """Load the model of a config entry. Tiny models are read from `model_dir` (where the
-    build_model rule saved them); every other source is read from where it lives."""
+    """Load the model of a config entry. Tiny models, and GGUF models once converted, are read from
+    `model_dir` (where the build_model rule saved them); every other source is read from where it lives."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind = source_kind(spec)
@@ -187,11 +199,12 @@ def load_model(spec: dict, name: str | None = None, model_dir: Path | None = Non
         expected = body.get("sha256")
         if expected and sha256_of(path) != expected:
             raise ValueError(f"{path}: sha256 differs from the pinned {expected}")
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        # The weights are dequantized on load; dropping the GGUF marks lets the model be saved (fine-tuning).
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        if model_dir is not None and (Path(model_dir) / "config.json").is_file():
+            # build_model's conversion of this very file (the checksum above): 0.3 s instead of 14 s.
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        else:
+            model, tokenizer = dequantized_gguf(path, dtype)
         info.update(model_id=f"{body['package']}/{body['file']}", revision=expected)
     elif kind == "tiny":
         if model_dir is None:
@@ -223,18 +236,22 @@ def load_model(spec: dict, name: str | None = None, model_dir: Path | None = Non
 def pinned_spec(spec: dict, manifest: dict) -> dict:
     """The config entry with its hub revision replaced by the commit that build_model fetched (recorded in
     its manifest), so every later job loads those very weights: a branch such as `main` can move between
-    jobs. Other sources are returned as they are."""
-    commit = manifest.get("resolved", {}).get("commit")
-    if commit is None or source_kind(spec) != "hub":
-        return spec
+    jobs. A GGUF entry gets the checksum of the file build_model converted. Other sources are unchanged."""
+    resolved = manifest.get("resolved", {})
+    kind = source_kind(spec)
     pinned = copy.deepcopy(spec)
-    pinned["source"]["hub"]["revision"] = commit
+    if kind == "hub" and "commit" in resolved:
+        pinned["source"]["hub"]["revision"] = resolved["commit"]
+    elif kind == "gguf" and "sha256" in resolved:
+        # build_model converted the file with this checksum: loading checks the installed file still has it.
+        pinned["source"]["gguf"]["sha256"] = resolved["sha256"]
     return pinned
 
 
 def materialize(spec: dict, name: str, out_dir: Path) -> dict:
     """Make a model available to later jobs and write its manifest: tiny models are built and saved,
-    hub snapshots are fetched at their pinned revision, package files are checksummed."""
+    hub snapshots are fetched at their pinned revision, GGUF package files are checksummed and saved
+    de-quantized beside the manifest."""
     kind = source_kind(spec)
     body = spec["source"][kind]
     resolved: dict = {}
@@ -244,6 +261,11 @@ def materialize(spec: dict, name: str, out_dir: Path) -> dict:
         resolved["sha256"] = sha256_of(gguf_path(body))
         if body.get("sha256") and body["sha256"] != resolved["sha256"]:
             raise ValueError(f"model {name!r}: {body['file']} sha256 {resolved['sha256']} differs from the pinned one")
+        # De-quantizing and converting the tokenizer take ~14 s for SmolLM2: done once, here.
+        model, tokenizer = dequantized_gguf(gguf_path(body), DTYPES[spec.get("dtype", "float32")])
+        with atomic_dir(out_dir / "weights") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     elif kind == "hub":
         snapshot = _hub_dir(body)
         # The snapshot folder is named by the commit fetched: the pin to use where the config says a branch.

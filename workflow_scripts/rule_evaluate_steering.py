@@ -32,6 +32,7 @@ for vector, answer_format, n_positions, mode in itertools.product(settings["vect
         adapter, items, mode=mode, residual_vectors=residual[vector], state_deltas=deltas, layers=layers,
         multipliers=settings["multipliers"], n_positions=n_positions, labels=labels,
         behavior=sm.wildcards.behavior, item_ids=[item["id"] for item in items],
+        layers_per_pass=settings["layers_per_pass"],
     )
     tables.append(table.assign(model=sm.wildcards.model, vector=vector, format=answer_format))
 with atomic_path(sm.output.sweep) as tmp:
