@@ -21,6 +21,13 @@ include: "rules/quirky.smk"
 include: "rules/figures.smk"
 
 
+# Rules that download run on the submitting machine under a cluster executor (compute nodes often have
+# no network); the other jobs read what they fetched (profiles/slurm, `make prefetch`).
+localrules:
+    build_model,
+    prepare_behaviors,
+
+
 rule all:
     input:
         all_activations(),

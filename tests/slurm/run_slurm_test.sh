@@ -17,7 +17,8 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
 PROFILE=$REPO/tests/slurm/profile
-# Five jobs: build_model, extract_activations x2, prepare_behaviors, compute_steering_vectors.
+# Five jobs: build_model and prepare_behaviors (local rules), extract_activations x2 and
+# compute_steering_vectors (through sbatch).
 TARGETS=(data/activations/llama-tiny/smoke.parquet data/steering/llama-tiny/optimism/vectors.safetensors)
 PROJECT_PARTS=(Snakefile rules workflow_scripts configs config.yaml profiles data/inputs)
 
@@ -357,10 +358,15 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # takes several values and would swallow them.
 DRY=$(cd "$CLUSTER_RUN" && "$PY" -m snakemake "${TARGETS[@]}" --dry-run --quiet rules --workflow-profile none \
     --configfile configs/test.yaml 2>&1) || { echo "$DRY"; die "dry run failed"; }
-EXPECTED=$(echo "$DRY" | awk '$1 == "total" {print $2; exit}')
-RULES=$(echo "$DRY" | awk '$2 ~ /^[0-9]+$/ && $1 != "total" {print $1}' | sort -u)
-[[ $EXPECTED =~ ^[0-9]+$ && -n $RULES ]] || { echo "$DRY"; die "could not count the jobs of the dry run"; }
-log "targets: ${TARGETS[*]} ($EXPECTED jobs)"
+# The Snakefile's localrules (they download) run on the submitting machine, not through sbatch.
+LOCAL_RULES=$(awk '/^localrules:/ {on = 1; next} on && /^[^ ]/ {on = 0} on {gsub(/[ ,]/, ""); if ($0 != "") print}' \
+    "$REPO/Snakefile" | sort -u)
+EXPECTED=$(echo "$DRY" | awk -v local_rules="$LOCAL_RULES" '
+    BEGIN {split(local_rules, names, "\n"); for (i in names) is_local[names[i]] = 1}
+    $2 ~ /^[0-9]+$/ && $1 != "total" && !($1 in is_local) {n += $2} END {print n + 0}')
+RULES=$(echo "$DRY" | awk '$2 ~ /^[0-9]+$/ && $1 != "total" {print $1}' | sort -u | grep -vxF "$LOCAL_RULES")
+[[ $EXPECTED =~ ^[0-9]+$ && $EXPECTED -gt 0 && -n $RULES ]] || { echo "$DRY"; die "could not count the jobs of the dry run"; }
+log "targets: ${TARGETS[*]} ($EXPECTED SLURM jobs; local rules: $(echo $LOCAL_RULES))"
 
 log "local run (--cores 2)"
 if ! run_step "$WORK/log/local-run.log" 0 "$LOCAL" "$PY" -m snakemake "${TARGETS[@]}" --cores 2 \
@@ -396,6 +402,14 @@ else
     echo "FAIL sacct: $n_completed COMPLETED, $n_other in another state (expected $EXPECTED COMPLETED)"
     status=1
 fi
+for rule in $LOCAL_RULES; do
+    if echo "$SACCT" | awk -F'|' -v r="rule_$rule" '$6 == r || index($6, r "_wildcards_") == 1' | grep -q .; then
+        echo "FAIL sacct: local rule $rule was submitted to SLURM"
+        status=1
+    else
+        echo "PASS sacct: local rule $rule ran on the submitting machine"
+    fi
+done
 for rule in $RULES; do
     if echo "$SACCT" | awk -F'|' -v r="rule_$rule" '$3 == "COMPLETED" && ($6 == r || index($6, r "_wildcards_") == 1)' | grep -q .; then
         echo "PASS sacct: rule $rule ran as a SLURM job"
