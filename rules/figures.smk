@@ -34,6 +34,8 @@ rule plot_steering:
         "logs/plot_steering/{model}.log",
     benchmark:
         "logs/plot_steering/{model}.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_plot_steering.py"
 
@@ -57,6 +59,8 @@ rule plot_lens:
         "logs/plot_lens/plot_lens.log",
     benchmark:
         "logs/plot_lens/plot_lens.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_plot_lens.py"
 
@@ -75,6 +79,8 @@ rule plot_trajectory:
         "logs/plot_trajectory/{model}.log",
     benchmark:
         "logs/plot_trajectory/{model}.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_plot_trajectory.py"
 
@@ -108,5 +114,7 @@ rule plot_quirky:
         "logs/plot_quirky/{base}/{dataset}.log",
     benchmark:
         "logs/plot_quirky/{base}/{dataset}.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_plot_quirky.py"

@@ -14,6 +14,8 @@ rule prepare_corpus:
         "logs/prepare_corpus/{model}.log",
     benchmark:
         "logs/prepare_corpus/{model}.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_prepare_corpus.py"
 
@@ -36,6 +38,8 @@ rule train_tuned_lens:
     resources:
         mem_mb=16000,
         runtime=720,
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_train_tuned_lens.py"
 
@@ -59,5 +63,7 @@ rule evaluate_lens:
     resources:
         mem_mb=16000,
         runtime=120,
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_evaluate_lens.py"

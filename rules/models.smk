@@ -15,5 +15,7 @@ rule build_model:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_build_model.py"

@@ -16,6 +16,8 @@ rule prepare_quirky:
         "logs/prepare_quirky/{dataset}.log",
     benchmark:
         "logs/prepare_quirky/{dataset}.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_prepare_quirky.py"
 
@@ -39,6 +41,8 @@ rule finetune_quirky:
     resources:
         mem_mb=16000,
         runtime=720,
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_finetune_quirky.py"
 
@@ -59,6 +63,8 @@ rule answer_quirky:
     resources:
         mem_mb=8000,
         runtime=60,
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_answer_quirky.py"
 
@@ -81,5 +87,7 @@ rule fit_probes:
     resources:
         mem_mb=8000,
         runtime=240,
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_fit_probes.py"

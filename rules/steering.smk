@@ -15,6 +15,8 @@ rule prepare_behaviors:
         "logs/prepare_behaviors/{behavior}.log",
     benchmark:
         "logs/prepare_behaviors/{behavior}.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_prepare_behaviors.py"
 
@@ -37,6 +39,8 @@ rule compute_steering_vectors:
     resources:
         mem_mb=8000,
         runtime=120,
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_compute_steering_vectors.py"
 
@@ -58,5 +62,7 @@ rule evaluate_steering:
     resources:
         mem_mb=8000,
         runtime=240,
+    conda:
+        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_evaluate_steering.py"
