@@ -22,9 +22,14 @@ class ConfigError(ValueError):
     pass
 
 
+# libyaml's loader when PyYAML has it (its wheels do): 3 ms instead of 30 ms for the schema, paid on
+# every Snakemake start, dry runs and no-op reruns included.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 @cache
 def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return yaml.load(SCHEMA_PATH.read_text(), Loader=_YAML_LOADER)  # noqa: S506 - a safe loader
 
 
 def _key_path(path) -> str:
@@ -196,4 +201,4 @@ def _canonical(value):
 
 
 def load_config(path: str | Path) -> dict:
-    return check_config(yaml.safe_load(Path(path).read_text()))
+    return check_config(yaml.load(Path(path).read_text(), Loader=_YAML_LOADER))  # noqa: S506 - a safe loader
