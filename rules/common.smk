@@ -5,10 +5,10 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from workflow_scripts.configuration import ConfigError, check_config, finetuned_model_spec, steering_modes
+from workflow_scripts.configuration import ConfigError, check_config_cached, finetuned_model_spec, steering_modes
 
 try:
-    _checked = check_config(config)
+    _checked = check_config_cached(config, ".snakemake/checked-configs")
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 config.clear()

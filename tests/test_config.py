@@ -109,3 +109,18 @@ def test_paper_config_steers_rwkv5_in_the_residual_stream_only():
 
     assert steering_modes(checked, "hermes-rwkv-v5-7b") == ["residual"]
     assert steering_modes(checked, "hermes-mamba-2.8b") == ["residual", "state", "both"]
+
+
+def test_checked_config_is_remembered_and_rechecked_when_anything_changes(tmp_path, monkeypatch):
+    from workflow_scripts import configuration
+
+    raw = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+    first = configuration.check_config_cached(raw, tmp_path)
+    assert first == check_config(raw) and len(list(tmp_path.iterdir())) == 1
+    calls = []
+    monkeypatch.setattr(configuration, "check_config", lambda config: calls.append(1) or check_config(config))
+    assert configuration.check_config_cached(raw, tmp_path) == first and calls == []  # read back, not checked
+    changed = {**raw, "seed": raw.get("seed", 0) + 1}
+    assert configuration.check_config_cached(changed, tmp_path)["seed"] == changed["seed"] and calls == [1]
+    with pytest.raises(ConfigError, match="nope"):  # a bad config is checked (and refused) every time
+        configuration.check_config_cached({**raw, "nope": 1}, tmp_path)

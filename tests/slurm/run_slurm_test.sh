@@ -20,7 +20,7 @@ PROFILE=$REPO/tests/slurm/profile
 # Five jobs: build_model and prepare_behaviors (local rules), extract_activations x2 and
 # compute_steering_vectors (through sbatch).
 TARGETS=(data/activations/llama-tiny/smoke.parquet data/steering/llama-tiny/optimism/vectors.safetensors)
-PROJECT_PARTS=(Snakefile rules workflow_scripts configs config.yaml profiles data/inputs)
+PROJECT_PARTS=(Snakefile rules workflow_scripts envs configs config.yaml profiles data/inputs)
 
 CLUSTER=snaketest
 ACCOUNT=snaketest
