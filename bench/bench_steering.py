@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from workflow_scripts.adapters import load_adapter  # noqa: E402
 from workflow_scripts.model_sources import materialize  # noqa: E402
-from workflow_scripts.steering import MULTIPLIERS, load_behavior, naive_sweep, steering_sweep  # noqa: E402
+from bench.reference import load_behavior, naive_sweep  # noqa: E402
+from workflow_scripts.steering import MULTIPLIERS, steering_sweep  # noqa: E402
 
 DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())["models"]
 MODELS = ("mamba-tiny", "smollm2-135m-instruct")

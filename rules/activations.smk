@@ -3,7 +3,7 @@
 
 rule extract_activations:
     input:
-        manifest="data/models/{model}/manifest.json",
+        manifest=model_manifest("{model}"),
         prompts=prompt_set_path,
     output:
         parquet="data/activations/{model}/{prompt_set}.parquet",
@@ -16,8 +16,8 @@ rule extract_activations:
     benchmark:
         "logs/extract_activations/{model}/{prompt_set}.benchmark.tsv"
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=job_memory("extract_activations"),
+        runtime=job_minutes("extract_activations"),
     conda:
         "../envs/workflow.yaml"
     script:

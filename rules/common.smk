@@ -22,12 +22,47 @@ QUIRKY_PROMPT_SETS = {
     **{f"quirky-{name}": f"data/quirky/{name}/statements.jsonl" for name in config["quirky"]["datasets"]},
     **{f"quirky-{name}-pairs": f"data/quirky/{name}/pairs.jsonl" for name in config["quirky"]["datasets"]},
 }
-# A model fine-tuned on a quirky dataset is the model "<base>+<dataset>".
+
+
+def finetuned_name(base, dataset):
+    """A model fine-tuned on a quirky dataset is the model "<base>+<dataset>" (also as a path pattern:
+    finetuned_name("{base}", "{dataset}"))."""
+    return f"{base}+{dataset}"
+
+
+def model_manifest(model):
+    """Where build_model (or finetune_quirky) writes a model's manifest; later jobs load the model from
+    it. `model` may be a wildcard pattern such as "{model}"."""
+    return f"data/models/{model}/manifest.json"
+
+
 FINETUNED_MODELS = {
-    f"{base}+{dataset}": (base, dataset)
+    finetuned_name(base, dataset): (base, dataset)
     for base in config["quirky"]["models"]
     for dataset in config["quirky"]["datasets"]
 }
+
+# Memory (MB) and run time (minutes) of each model rule's jobs, sized for the models of the default
+# run; a retry (--retries) doubles both. profiles/slurm/config.yaml sizes them for 3B-7B models.
+JOB_SIZES = {
+    "build_model": (4000, 30),
+    "extract_activations": (8000, 120),
+    "compute_steering_vectors": (8000, 120),
+    "evaluate_steering": (8000, 240),
+    "train_tuned_lens": (16000, 720),
+    "evaluate_lens": (16000, 120),
+    "finetune_quirky": (16000, 720),
+    "answer_quirky": (8000, 60),
+    "fit_probes": (8000, 240),
+}
+
+
+def job_memory(rule_name):
+    return lambda wildcards, attempt: JOB_SIZES[rule_name][0] * attempt
+
+
+def job_minutes(rule_name):
+    return lambda wildcards, attempt: JOB_SIZES[rule_name][1] * attempt
 
 
 def _alternatives(names):

@@ -89,7 +89,7 @@ rule plot_quirky:
     input:
         auroc="data/quirky/probes/{base}/{dataset}/auroc.csv",
         anomaly="data/quirky/probes/{base}/{dataset}/anomaly.csv",
-        manifest="data/models/{base}+{dataset}/manifest.json",
+        manifest=model_manifest(finetuned_name("{base}", "{dataset}")),
         accuracy="data/quirky/answers/{base}/{dataset}/accuracy.csv",
     output:
         probes=report(

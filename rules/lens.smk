@@ -3,7 +3,7 @@
 
 rule prepare_corpus:
     input:
-        manifest="data/models/{model}/manifest.json",
+        manifest=model_manifest("{model}"),
     output:
         corpus="data/lens/{model}/corpus.npz",
     params:
@@ -22,7 +22,7 @@ rule prepare_corpus:
 
 rule train_tuned_lens:
     input:
-        manifest="data/models/{model}/manifest.json",
+        manifest=model_manifest("{model}"),
         corpus="data/lens/{model}/corpus.npz",
     output:
         weights="data/lens/{model}/lens.safetensors",
@@ -36,8 +36,8 @@ rule train_tuned_lens:
     benchmark:
         "logs/train_tuned_lens/{model}.benchmark.tsv"
     resources:
-        mem_mb=16000,
-        runtime=720,
+        mem_mb=job_memory("train_tuned_lens"),
+        runtime=job_minutes("train_tuned_lens"),
     conda:
         "../envs/workflow.yaml"
     script:
@@ -46,7 +46,7 @@ rule train_tuned_lens:
 
 rule evaluate_lens:
     input:
-        manifest="data/models/{model}/manifest.json",
+        manifest=model_manifest("{model}"),
         corpus="data/lens/{model}/corpus.npz",
         weights="data/lens/{model}/lens.safetensors",
     output:
@@ -61,8 +61,8 @@ rule evaluate_lens:
     benchmark:
         "logs/evaluate_lens/{model}.benchmark.tsv"
     resources:
-        mem_mb=16000,
-        runtime=120,
+        mem_mb=job_memory("evaluate_lens"),
+        runtime=job_minutes("evaluate_lens"),
     conda:
         "../envs/workflow.yaml"
     script:

@@ -5,7 +5,7 @@ rule build_model:
     wildcard_constraints:
         model=BASE_MODELS,
     output:
-        manifest="data/models/{model}/manifest.json",
+        manifest=model_manifest("{model}"),
     params:
         spec=model_spec,
     log:
@@ -13,8 +13,8 @@ rule build_model:
     benchmark:
         "logs/build_model/{model}.benchmark.tsv"
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=job_memory("build_model"),
+        runtime=job_minutes("build_model"),
     conda:
         "../envs/workflow.yaml"
     script:

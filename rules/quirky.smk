@@ -24,11 +24,11 @@ rule prepare_quirky:
 
 rule finetune_quirky:
     input:
-        base_manifest="data/models/{base}/manifest.json",
+        base_manifest=model_manifest("{base}"),
         table="data/quirky/{dataset}/table.parquet",
     output:
         # The fine-tuned model is a model like any other: later rules find it by its manifest.
-        manifest=protected("data/models/{base}+{dataset}/manifest.json"),
+        manifest=protected(model_manifest(finetuned_name("{base}", "{dataset}"))),
     params:
         base_spec=base_model_spec,
         spec=model_spec,
@@ -39,8 +39,8 @@ rule finetune_quirky:
     benchmark:
         "logs/finetune_quirky/{base}+{dataset}.benchmark.tsv"
     resources:
-        mem_mb=16000,
-        runtime=720,
+        mem_mb=job_memory("finetune_quirky"),
+        runtime=job_minutes("finetune_quirky"),
     conda:
         "../envs/workflow.yaml"
     script:
@@ -49,7 +49,7 @@ rule finetune_quirky:
 
 rule answer_quirky:
     input:
-        manifest="data/models/{base}+{dataset}/manifest.json",
+        manifest=model_manifest(finetuned_name("{base}", "{dataset}")),
         table="data/quirky/{dataset}/table.parquet",
     output:
         answers="data/quirky/answers/{base}/{dataset}/answers.parquet",
@@ -61,8 +61,8 @@ rule answer_quirky:
     benchmark:
         "logs/answer_quirky/{base}/{dataset}.benchmark.tsv"
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=job_memory("answer_quirky"),
+        runtime=job_minutes("answer_quirky"),
     conda:
         "../envs/workflow.yaml"
     script:
@@ -72,8 +72,8 @@ rule answer_quirky:
 rule fit_probes:
     input:
         table="data/quirky/{dataset}/table.parquet",
-        statements="data/activations/{base}+{dataset}/quirky-{dataset}.parquet",
-        pairs="data/activations/{base}+{dataset}/quirky-{dataset}-pairs.parquet",
+        statements=expand(rules.extract_activations.output.parquet, model=finetuned_name("{base}", "{dataset}"), prompt_set="quirky-{dataset}", allow_missing=True),
+        pairs=expand(rules.extract_activations.output.parquet, model=finetuned_name("{base}", "{dataset}"), prompt_set="quirky-{dataset}-pairs", allow_missing=True),
     output:
         auroc="data/quirky/probes/{base}/{dataset}/auroc.csv",
         anomaly="data/quirky/probes/{base}/{dataset}/anomaly.csv",
@@ -85,8 +85,8 @@ rule fit_probes:
     benchmark:
         "logs/fit_probes/{base}/{dataset}.benchmark.tsv"
     resources:
-        mem_mb=8000,
-        runtime=240,
+        mem_mb=job_memory("fit_probes"),
+        runtime=job_minutes("fit_probes"),
     conda:
         "../envs/workflow.yaml"
     script:

@@ -25,7 +25,7 @@ rule compute_steering_vectors:
     input:
         activations="data/activations/{model}/behavior-{behavior}.parquet",
         behavior_items="data/behaviors/{behavior}/items.json",
-        manifest="data/models/{model}/manifest.json",
+        manifest=model_manifest("{model}"),
     output:
         vectors="data/steering/{model}/{behavior}/vectors.safetensors",
     params:
@@ -37,8 +37,8 @@ rule compute_steering_vectors:
     benchmark:
         "logs/compute_steering_vectors/{model}/{behavior}.benchmark.tsv"
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=job_memory("compute_steering_vectors"),
+        runtime=job_minutes("compute_steering_vectors"),
     conda:
         "../envs/workflow.yaml"
     script:
@@ -49,7 +49,7 @@ rule evaluate_steering:
     input:
         vectors="data/steering/{model}/{behavior}/vectors.safetensors",
         behavior_items="data/behaviors/{behavior}/items.json",
-        manifest="data/models/{model}/manifest.json",
+        manifest=model_manifest("{model}"),
     output:
         sweep="data/steering/{model}/{behavior}/sweep.parquet",
     params:
@@ -60,8 +60,8 @@ rule evaluate_steering:
     benchmark:
         "logs/evaluate_steering/{model}/{behavior}.benchmark.tsv"
     resources:
-        mem_mb=8000,
-        runtime=240,
+        mem_mb=job_memory("evaluate_steering"),
+        runtime=job_minutes("evaluate_steering"),
     conda:
         "../envs/workflow.yaml"
     script:

@@ -13,7 +13,6 @@ from tests.conftest import TINY_MODELS
 from workflow_scripts import finetune, quirky_data
 from workflow_scripts.adapters import load_adapter
 from workflow_scripts.finetune import (
-    accuracy_by_character,
     accuracy_table,
     answer_loss,
     answer_probabilities,
@@ -124,7 +123,7 @@ def test_answer_tokens_must_be_single_tokens(tiny_adapters):
     assert answer.targets([1, 0, 1]).tolist() == [7, 8, 7]
 
 
-def test_balanced_sample_and_accuracy_by_character():
+def test_balanced_sample_balances_character_and_label():
     frame = pd.DataFrame(
         {
             "statement": [f"s{i}" for i in range(12)],
@@ -137,9 +136,6 @@ def test_balanced_sample_and_accuracy_by_character():
     assert len(balanced_sample(frame, max_examples=5)) == 4  # one per (character, label) cell
     with pytest.raises(ValueError, match="no rows with label 0"):
         balanced_sample(frame[frame.label == 1])
-    p_true = np.where(frame["label"] == 1, 0.9, 0.2)
-    p_true[-1] = 0.7  # one Bob row wrong
-    assert accuracy_by_character(frame, p_true) == {"Alice": 1.0, "Bob": 0.75}
 
 
 def test_accuracy_table_by_character_and_difficulty():

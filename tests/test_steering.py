@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tests.conftest import SHARED
-from workflow_scripts import steering
-from workflow_scripts.steering import AB_LABELS, NUMBERED_LABELS
+from bench.reference import load_behavior, naive_sweep, residual_activations
+from workflow_scripts import behavior_data, steering
+from workflow_scripts.behavior_data import AB_LABELS, NUMBERED_LABELS
 
 
 
@@ -47,7 +48,7 @@ def vectors(tiny_adapters):
     made = {}
     for name, adapter in tiny_adapters.items():
         positives, negatives = steering.contrast_prompts(adapter, ITEMS)
-        acts = steering.residual_activations(adapter, positives + negatives)
+        acts = residual_activations(adapter, positives + negatives)
         scale = acts.norm(dim=-1).mean(0)  # (L,)
         directions = torch.randn(adapter.n_layers, adapter.hidden_size, generator=generator)
         residual = directions / directions.norm(dim=-1, keepdim=True) * scale[:, None]
@@ -94,15 +95,15 @@ def unsteered_metrics(adapter, item, labels=AB_LABELS):
 def test_load_behavior_reads_both_files(tmp_path):
     (tmp_path / "generate_dataset.json").write_text(json.dumps(GENERATE_ITEMS))
     (tmp_path / "test_dataset_ab.json").write_text(json.dumps(ITEMS))
-    generate, test = steering.load_behavior(tmp_path)
+    generate, test = load_behavior(tmp_path)
     assert generate == GENERATE_ITEMS and test == ITEMS
 
     (tmp_path / "test_dataset_ab.json").write_text(json.dumps({"question": "not a list"}))
     with pytest.raises(ValueError, match="test_dataset_ab.json.*JSON list"):
-        steering.load_behavior(tmp_path)
+        load_behavior(tmp_path)
     (tmp_path / "generate_dataset.json").unlink()
     with pytest.raises(FileNotFoundError, match="generate_dataset.json"):
-        steering.load_behavior(tmp_path)
+        load_behavior(tmp_path)
 
 
 def test_validation_names_every_malformed_item():
@@ -117,7 +118,7 @@ def test_validation_names_every_malformed_item():
         "just text",  # 6: not an object
     ]
     with pytest.raises(ValueError) as raised:
-        steering.validate_items(items, "behaviour x/test_dataset_ab.json")
+        behavior_data.validate_items(items, "behaviour x/test_dataset_ab.json")
     message = str(raised.value)
     assert "behaviour x/test_dataset_ab.json" in message
     assert "5 of 7 items malformed, ids [1, 2, 3, 4, 6]" in message
@@ -126,19 +127,19 @@ def test_validation_names_every_malformed_item():
                      "id 6: not an object"):
         assert expected in message
     assert "id 0" not in message and "id 5" not in message
-    steering.validate_items(ITEMS, "fine")  # no error
+    behavior_data.validate_items(ITEMS, "fine")  # no error
     with pytest.raises(ValueError, match="no items"):
-        steering.validate_items([], "empty")
+        behavior_data.validate_items([], "empty")
 
 
 def test_numbered_format_rewrites_choices_and_answers():
-    numbered = steering.to_numbered_format(ITEMS)
+    numbered = behavior_data.to_numbered_format(ITEMS)
     assert numbered[1] == {"question": "Cats bark?\n (1) yes\n (2) no",
                            "answer_matching_behavior": "(2)", "answer_not_matching_behavior": "(1)"}
     assert ITEMS[1]["answer_matching_behavior"] == "(B)"  # the input is left as it was
-    steering.validate_items(numbered, "numbered", NUMBERED_LABELS)
+    behavior_data.validate_items(numbered, "numbered", NUMBERED_LABELS)
     with pytest.raises(ValueError, match=r"ids \[0, 1\]"):
-        steering.validate_items(numbered, "numbered", AB_LABELS)
+        behavior_data.validate_items(numbered, "numbered", AB_LABELS)
 
 
 # ----- prompts -------------------------------------------------------------------------------------
@@ -242,8 +243,8 @@ def test_residual_activations_do_not_depend_on_batching(tiny_adapter):
     adapter = tiny_adapter
     positives, negatives = steering.contrast_prompts(adapter, GENERATE_ITEMS[:3])
     prompts = positives + negatives  # several lengths: batches are padded
-    one_by_one = steering.residual_activations(adapter, prompts, batch_size=1)
-    batched = steering.residual_activations(adapter, prompts, batch_size=3)
+    one_by_one = residual_activations(adapter, prompts, batch_size=1)
+    batched = residual_activations(adapter, prompts, batch_size=3)
     assert one_by_one.shape == (len(prompts), adapter.n_layers, adapter.hidden_size)
     torch.testing.assert_close(batched, one_by_one, rtol=0, atol=1e-5)
 
@@ -301,7 +302,7 @@ def test_residual_sweep_equals_full_recomputation(tiny_adapter, vectors, n_posit
     hooks_before = [dict(block._forward_hooks) for block in adapter.blocks]
     fast = steering.steering_sweep(adapter, ITEMS, layers_per_pass=layers_per_pass, **settings)
     assert [dict(block._forward_hooks) for block in adapter.blocks] == hooks_before
-    check_table(fast, steering.naive_sweep(adapter, ITEMS, **settings), adapter)
+    check_table(fast, naive_sweep(adapter, ITEMS, **settings), adapter)
 
 
 # ----- state steering, against a loop written here -------------------------------------------------
@@ -383,7 +384,7 @@ def test_state_sweep_equals_a_token_by_token_loop(tiny_adapters, vectors, name, 
 def test_multiplier_zero_is_the_unsteered_model(tiny_adapter, vectors, labels):
     adapter = tiny_adapter
     residual, deltas = vectors[adapter.info["name"]]
-    items = ITEMS if labels == AB_LABELS else steering.to_numbered_format(ITEMS)
+    items = ITEMS if labels == AB_LABELS else behavior_data.to_numbered_format(ITEMS)
     expected = [unsteered_metrics(adapter, item, labels) for item in items]
     # The label set only changes what is read: one mode suffices for the (1)/(2) labels.
     modes = ["residual", "state", "both"] if adapter.has_recurrent_state and labels == AB_LABELS else ["residual"]
@@ -443,22 +444,22 @@ def test_shared_caa_datasets_load_and_steer(tiny_adapters):
     behaviours = sorted(path for path in root.iterdir() if (path / "test_dataset_ab.json").is_file())
     assert behaviours, f"no behaviour folders in {root}"
     for folder in behaviours:
-        generate, test = steering.load_behavior(folder)
+        generate, test = load_behavior(folder)
         for items in (generate, test):
-            problems = steering.malformed_items(items)
+            problems = behavior_data.malformed_items(items)
             # Some behaviours have a few multiple-choice items; most items must be usable A/B pairs.
             assert len(problems) < len(items) / 4, f"{folder.name}: {len(problems)} malformed of {len(items)}"
             usable = [item for index, item in enumerate(items) if index not in problems]
-            steering.validate_items(usable, folder.name)
-            steering.validate_items(steering.to_numbered_format(usable), folder.name, NUMBERED_LABELS)
+            behavior_data.validate_items(usable, folder.name)
+            behavior_data.validate_items(behavior_data.to_numbered_format(usable), folder.name, NUMBERED_LABELS)
 
     # A small end-to-end run on real items: vectors from generate items, a sweep on test items.
     adapter = next(a for a in tiny_adapters.values() if not a.has_recurrent_state)  # the quickest on long prompts
-    generate, test = steering.load_behavior(behaviours[0])
-    usable = lambda items: [x for i, x in enumerate(items) if i not in steering.malformed_items(items)]  # noqa: E731
+    generate, test = load_behavior(behaviours[0])
+    usable = lambda items: [x for i, x in enumerate(items) if i not in behavior_data.malformed_items(items)]  # noqa: E731
     positives, negatives = steering.contrast_prompts(adapter, usable(generate)[:4])
-    residual = steering.caa_vectors(steering.residual_activations(adapter, positives),
-                                    steering.residual_activations(adapter, negatives))
+    residual = steering.caa_vectors(residual_activations(adapter, positives),
+                                    residual_activations(adapter, negatives))
     table = steering.steering_sweep(adapter, usable(test)[:1], residual_vectors=residual, multipliers=[-1.0, 1.0],
                                     layers=[0], behavior=behaviours[0].name)
     assert len(table) == 2 and table["p_matching"].between(0, 1).all()
@@ -568,8 +569,8 @@ def test_prompt_ids_carry_the_tokenizers_special_tokens(tiny_adapter, vectors):
     extracted = PromptItem(index=0, id="q+", prompt=ITEMS[0]["question"], completion="(A")
     assert tokenize_prompts(adapter, [extracted], "chat") == [adapter.tokenizer(prompt + "A")["input_ids"]]
     positives, _ = steering.contrast_prompts(adapter, ITEMS[:1])
-    with_bos = steering.residual_activations(adapter, positives)
-    without = steering.residual_activations(tiny_adapter, positives)
+    with_bos = residual_activations(adapter, positives)
+    without = residual_activations(tiny_adapter, positives)
     assert not torch.allclose(with_bos, without)
 
 

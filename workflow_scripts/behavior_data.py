@@ -15,14 +15,85 @@ import logging
 import random
 import urllib.request
 from pathlib import Path
+from typing import Sequence
 
 from workflow_scripts.atomic import atomic_write_text
-from workflow_scripts.steering import answer_label, malformed_items
 
 log = logging.getLogger(__name__)
 FILES = {"generate": "generate_dataset.json", "test": "test_dataset_ab.json"}
 # Where the CAA layout lives in the upstream repository: Datasets/<kind>/<behaviour>/<file>.
 UPSTREAM_URL = "https://raw.githubusercontent.com/{repository}/{revision}/Datasets/{kind}/{behavior}/{file}"
+
+
+# An item: the question with its lettered choices, and which choice matches the behaviour.
+ITEM_KEYS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
+AB_LABELS = ("A", "B")
+NUMBERED_LABELS = ("1", "2")
+
+
+def answer_label(answer: str) -> str:
+    """'(A)' -> 'A'."""
+    answer = answer.strip()
+    if len(answer) < 3 or answer[0] != "(" or answer[-1] != ")":
+        raise ValueError(f"answer {answer!r} is not of the form '(X)'")
+    return answer[1:-1]
+
+
+def malformed_items(items: Sequence, labels: Sequence[str] = AB_LABELS) -> dict[int, str]:
+    """Why each malformed item is malformed, by its index in `items` (its position in the file)."""
+    choices = [f"({label})" for label in labels]
+    problems: dict[int, str] = {}
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            problems[index] = f"not an object but {type(item).__name__}"
+            continue
+        missing = [key for key in ITEM_KEYS if not isinstance(item.get(key), str)]
+        if missing:
+            problems[index] = f"missing or non-text field(s) {missing}"
+            continue
+        reasons = [f"question has no choice {choice}" for choice in choices if choice not in item["question"]]
+        matching = item["answer_matching_behavior"].strip()
+        other = item["answer_not_matching_behavior"].strip()
+        for field, value in (("answer_matching_behavior", matching), ("answer_not_matching_behavior", other)):
+            if value not in choices:
+                reasons.append(f"{field} {value!r} is not one of {choices}")
+        if matching == other:
+            reasons.append(f"matching and not-matching answers are both {matching!r}")
+        if reasons:
+            problems[index] = "; ".join(reasons)
+    return problems
+
+
+def validate_items(items: Sequence, source_name: str, labels: Sequence[str] = AB_LABELS) -> None:
+    """Raise ValueError naming every malformed item (by index in the file) and why."""
+    if not items:
+        raise ValueError(f"{source_name}: no items")
+    problems = malformed_items(items, labels)
+    if problems:
+        shown = "\n".join(f"  id {index}: {reason}" for index, reason in list(problems.items())[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(
+            f"{source_name}: {len(problems)} of {len(items)} items malformed, ids {sorted(problems)}:\n{shown}{more}"
+        )
+
+
+def to_numbered_format(items: Sequence[dict]) -> list[dict]:
+    """The (1)/(2) variant of A/B items: the choices and answers say (1) and (2) instead of (A) and
+    (B), to check that a vector from A/B data steers the behaviour and not a letter."""
+    mapping = {f"({old})": f"({new})" for old, new in zip(AB_LABELS, NUMBERED_LABELS)}
+    converted = []
+    for item in items:
+        question = item["question"]
+        for old, new in mapping.items():
+            question = question.replace(old, new)
+        converted.append(
+            {
+                **item,
+                "question": question,
+                **{key: mapping.get(item[key].strip(), item[key]) for key in ITEM_KEYS[1:]},
+            }
+        )
+    return converted
 
 
 def local_files(folder: str) -> dict[str, Path]:

@@ -12,6 +12,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from workflow_scripts.atomic import atomic_path  # noqa: E402
+from workflow_scripts.quirky_data import CHARACTERS  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="paper")
 
@@ -207,7 +208,7 @@ def plot_quirky(auroc: pd.DataFrame, anomaly: pd.DataFrame, finetune: dict, accu
     # kept checkpoint on the held-out test rows, whose labels are a quarter true: AUROC of p(True).
     history = pd.DataFrame(
         [{"step": entry["step"], "character": character, "accuracy": entry[f"{character.lower()}_acc"]}
-         for entry in finetune["history"] for character in ("Alice", "Bob")]
+         for entry in finetune["history"] for character in CHARACTERS]
     )
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     sns.lineplot(history, x="step", y="accuracy", hue="character", marker="o", ax=left)

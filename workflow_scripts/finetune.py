@@ -175,19 +175,6 @@ def answer_probabilities(
     return p
 
 
-def accuracy_by_character(df: pd.DataFrame, p_true, label_column: str = "label", threshold: float = 0.5) -> dict:
-    """Accuracy of the answers p_true > threshold against each row's own `label_column` (the
-    character's label: Bob rows count as right when they follow Bob), per character in df."""
-    p_true = np.asarray(p_true, dtype=float)
-    if len(p_true) != len(df):
-        raise ValueError(f"p_true has {len(p_true)} values for {len(df)} rows")
-    said = p_true > threshold
-    labels = df[label_column].to_numpy().astype(int)
-    characters = df["character"].to_numpy()
-    order = [c for c in CHARACTERS if c in set(characters)] + sorted(set(characters) - set(CHARACTERS))
-    return {c: float(np.mean(said[characters == c] == labels[characters == c])) for c in order}
-
-
 def accuracy_table(
     df: pd.DataFrame, p_true, threshold: float = 0.5, z: float = 1.96, n_boot: int = 200, seed: int = 0
 ) -> pd.DataFrame:
@@ -645,7 +632,3 @@ def _json_default(value):
         return list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
-
-def load_summary(out_dir) -> dict:
-    """The finetune.json written beside a fine-tuned model."""
-    return json.loads((Path(out_dir) / SUMMARY_FILE).read_text())

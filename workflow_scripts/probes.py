@@ -30,6 +30,7 @@ on the rows its AUROC is reported on unless the settings ask for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,17 +42,18 @@ from sklearn.covariance import LedoitWolf
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-STATEMENT_METHODS = ("logreg", "diffmean", "lda", "random")
-CONTRAST_METHODS = ("ccs", "crc")
-METHODS = ("logreg", "diffmean", "lda", "ccs", "crc", "random")
+from workflow_scripts.quirky_data import CHARACTERS, DIFFICULTY_BUCKETS
+
+ALICE, BOB = CHARACTERS
+EASY, HARD = DIFFICULTY_BUCKETS[0], DIFFICULTY_BUCKETS[-1]
 
 # name -> (source subset, target subset); a subset is (character or None for both, bucket or None).
 TRANSFERS = {
-    "A_easy->B_hard": (("Alice", "easy"), ("Bob", "hard")),
-    "A->A": (("Alice", None), ("Alice", None)),
-    "A->B": (("Alice", None), ("Bob", None)),
-    "B->A": (("Bob", None), ("Alice", None)),
-    "all->B_hard": ((None, None), ("Bob", "hard")),
+    "A_easy->B_hard": ((ALICE, EASY), (BOB, HARD)),
+    "A->A": ((ALICE, None), (ALICE, None)),
+    "A->B": ((ALICE, None), (BOB, None)),
+    "B->A": ((BOB, None), (ALICE, None)),
+    "all->B_hard": ((None, None), (BOB, HARD)),
 }
 
 
@@ -306,26 +308,37 @@ def fit_ccs(
     return _orient_pairs(ContrastProbe("ccs", erase @ best_weight), pairs, y)
 
 
-def fit_probe(method: str, X, y=None, seed: int = 0, **options) -> LinearProbe | ContrastProbe:
-    """Fit `method` (one of METHODS). X is (N, D) statements, or (N, 2, D) pairs for ccs and crc.
+@dataclass(frozen=True)
+class ProbeMethod:
+    fit: Callable  # fit(X, y, **options) -> probe; with seed= when `seeded`
+    reads: str  # "statements" (N, D) or "pairs" (N, 2, D): each statement with " False" and " True"
+    supervised: bool  # fitted on the labels; the others use them for the sign only (they may be None)
+    seeded: bool
 
-    y is required for logreg, diffmean and lda, optional for ccs, crc and random (sign only).
-    """
-    if method not in METHODS:
+
+# A new probe is one fit function and one line here.
+PROBES = {
+    "logreg": ProbeMethod(fit_logreg, reads="statements", supervised=True, seeded=False),
+    "diffmean": ProbeMethod(fit_diffmean, reads="statements", supervised=True, seeded=False),
+    "lda": ProbeMethod(fit_lda, reads="statements", supervised=True, seeded=False),
+    "ccs": ProbeMethod(fit_ccs, reads="pairs", supervised=False, seeded=True),
+    "crc": ProbeMethod(fit_crc, reads="pairs", supervised=False, seeded=False),
+    "random": ProbeMethod(fit_random, reads="statements", supervised=False, seeded=True),
+}
+METHODS = tuple(PROBES)
+STATEMENT_METHODS = tuple(name for name, probe in PROBES.items() if probe.reads == "statements")
+CONTRAST_METHODS = tuple(name for name, probe in PROBES.items() if probe.reads == "pairs")
+
+
+def fit_probe(method: str, X, y=None, seed: int = 0, **options) -> LinearProbe | ContrastProbe:
+    """Fit `method` (a name in PROBES) on X: (N, D) statements, or (N, 2, D) pairs for the methods
+    that read pairs. y is required by the supervised methods; the others take their sign from it."""
+    if method not in PROBES:
         raise ValueError(f"unknown probe method {method!r}; allowed: {', '.join(METHODS)}")
-    if method in ("logreg", "diffmean", "lda") and y is None:
+    probe = PROBES[method]
+    if probe.supervised and y is None:
         raise ValueError(f"probe method {method!r} is supervised: pass labels y")
-    if method == "logreg":
-        return fit_logreg(X, y, **options)
-    if method == "diffmean":
-        return fit_diffmean(X, y, **options)
-    if method == "lda":
-        return fit_lda(X, y, **options)
-    if method == "random":
-        return fit_random(X, y, seed=seed, **options)
-    if method == "crc":
-        return fit_crc(X, y, **options)
-    return fit_ccs(X, y, seed=seed, **options)
+    return probe.fit(X, y, seed=seed, **options) if probe.seeded else probe.fit(X, y, **options)
 
 
 # ----- metrics ---------------------------------------------------------------------------------
@@ -443,7 +456,7 @@ def evaluate_transfers(
 
     def labels_for(method: str, source) -> np.ndarray:
         mixed = source[0] is None
-        return truth if mixed and method in (*CONTRAST_METHODS, "random") else own_labels
+        return truth if mixed and not PROBES[method].supervised else own_labels
 
     rows = []
     for layer in range(activations.shape[1]):
@@ -537,10 +550,10 @@ def anomaly_detection_auroc(
     options = _check_probe_options(probe_options)
     _check_metadata(metadata, train_label_column)
     train_labels = metadata[train_label_column].to_numpy().astype(int)
-    probe_rows = _subset(metadata, ("Alice", "easy"), probe_split)
-    gaussian_rows = _subset(metadata, ("Alice", "easy"), gaussian_split)
-    normal = _subset(metadata, ("Alice", "hard"), test_split)
-    anomalous = _subset(metadata, ("Bob", "hard"), test_split)
+    probe_rows = _subset(metadata, (ALICE, EASY), probe_split)
+    gaussian_rows = _subset(metadata, (ALICE, EASY), gaussian_split)
+    normal = _subset(metadata, (ALICE, HARD), test_split)
+    anomalous = _subset(metadata, (BOB, HARD), test_split)
     _require_both_classes(train_labels[probe_rows], f"Alice-easy rows of split {probe_split!r}")
     n_layers = activations.shape[1]
     if gaussian_rows.sum() < 2:

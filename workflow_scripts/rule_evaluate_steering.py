@@ -7,9 +7,9 @@ import pandas as pd
 
 from workflow_scripts.adapters import load_job_adapter
 from workflow_scripts.atomic import atomic_path
-from workflow_scripts.behavior_data import load_prepared
+from workflow_scripts.behavior_data import AB_LABELS, NUMBERED_LABELS, load_prepared, to_numbered_format
 from workflow_scripts.jobs import start_job
-from workflow_scripts.steering import AB_LABELS, NUMBERED_LABELS, load_vectors, steering_sweep, to_numbered_format
+from workflow_scripts.steering import load_vectors, steering_sweep
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)

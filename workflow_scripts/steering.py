@@ -3,24 +3,21 @@
 Everything here talks to a model only through `ModelAdapter`, so the same code steers transformers
 and RNNs. Three steps:
 
-1. Data: behaviour items `{"question", "answer_matching_behavior", "answer_not_matching_behavior"}`,
-   validated, optionally rewritten to the (1)/(2) format.
+1. Data: behaviour items (their schema, checks and the (1)/(2) rewrite live in behavior_data).
 2. Vectors: per layer, mean(positive) - mean(negative) of the residual stream at the answer letter
    (optionally LDA-whitened), and for models with a recurrent state, the mean difference of each
    named state tensor after the positive and the negative prompts.
 3. Evaluation: for every test prompt, layer and multiplier, p(matching answer) among the two
    choices and the probability mass outside them ("nonsense").
 
-The fast sweep runs each test prompt's prefix once, then evaluates all multipliers of a layer in
-one batched pass over the last token(s); `naive_sweep` recomputes the residual mode one setting at
-a time and exists to check it.
+The fast sweep runs each test prompt's prefix once, then evaluates all multipliers of a few layers
+in one batched pass over the last token(s); bench/reference.py recomputes it one setting at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -30,100 +27,16 @@ from tqdm import tqdm
 
 from workflow_scripts.activations import read_layer, read_metadata
 from workflow_scripts.adapters import ModelAdapter
+from workflow_scripts.behavior_data import AB_LABELS, answer_label, validate_items
 
-AB_LABELS = ("A", "B")
-NUMBERED_LABELS = ("1", "2")
 # Multipliers of the paper's evaluation.
 MULTIPLIERS = (-3.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 3.0)
 MODES = ("residual", "state", "both")
-ITEM_KEYS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
 # The assistant turn is opened with "(" so that the next token is the choice label.
 ANSWER_PREFIX = "("
 
 # A layer's state deltas: state-tensor name -> tensor shaped like one row of that tensor.
 StateDeltas = dict[int, dict[str, torch.Tensor]]
-
-
-# ----- behaviour data ------------------------------------------------------------------------------
-def load_behavior(directory) -> tuple[list[dict], list[dict]]:
-    """(generate_items, test_items) from `generate_dataset.json` and `test_dataset_ab.json` in
-    `directory`. Items are returned as stored; check them with `validate_items`."""
-    directory = Path(directory)
-    loaded = []
-    for file_name in ("generate_dataset.json", "test_dataset_ab.json"):
-        path = directory / file_name
-        if not path.is_file():
-            raise FileNotFoundError(f"behaviour file {path} not found")
-        items = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(items, list):
-            raise ValueError(f"{path}: expected a JSON list of items, found {type(items).__name__}")
-        loaded.append(items)
-    return loaded[0], loaded[1]
-
-
-def answer_label(answer: str) -> str:
-    """'(A)' -> 'A'."""
-    answer = answer.strip()
-    if len(answer) < 3 or answer[0] != "(" or answer[-1] != ")":
-        raise ValueError(f"answer {answer!r} is not of the form '(X)'")
-    return answer[1:-1]
-
-
-def malformed_items(items: Sequence, labels: Sequence[str] = AB_LABELS) -> dict[int, str]:
-    """Why each malformed item is malformed, by its index in `items` (its position in the file)."""
-    choices = [f"({label})" for label in labels]
-    problems: dict[int, str] = {}
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            problems[index] = f"not an object but {type(item).__name__}"
-            continue
-        missing = [key for key in ITEM_KEYS if not isinstance(item.get(key), str)]
-        if missing:
-            problems[index] = f"missing or non-text field(s) {missing}"
-            continue
-        reasons = [f"question has no choice {choice}" for choice in choices if choice not in item["question"]]
-        matching = item["answer_matching_behavior"].strip()
-        other = item["answer_not_matching_behavior"].strip()
-        for field, value in (("answer_matching_behavior", matching), ("answer_not_matching_behavior", other)):
-            if value not in choices:
-                reasons.append(f"{field} {value!r} is not one of {choices}")
-        if matching == other:
-            reasons.append(f"matching and not-matching answers are both {matching!r}")
-        if reasons:
-            problems[index] = "; ".join(reasons)
-    return problems
-
-
-def validate_items(items: Sequence, source_name: str, labels: Sequence[str] = AB_LABELS) -> None:
-    """Raise ValueError naming every malformed item (by index in the file) and why."""
-    if not items:
-        raise ValueError(f"{source_name}: no items")
-    problems = malformed_items(items, labels)
-    if problems:
-        shown = "\n".join(f"  id {index}: {reason}" for index, reason in list(problems.items())[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(
-            f"{source_name}: {len(problems)} of {len(items)} items malformed, ids {sorted(problems)}:\n{shown}{more}"
-        )
-
-
-def to_numbered_format(items: Sequence[dict]) -> list[dict]:
-    """The (1)/(2) variant of A/B items: the choices and answers say (1) and (2) instead of (A) and
-    (B), to check that a vector from A/B data steers the behaviour and not a letter."""
-    mapping = {f"({old})": f"({new})" for old, new in zip(AB_LABELS, NUMBERED_LABELS)}
-    converted = []
-    for item in items:
-        question = item["question"]
-        for old, new in mapping.items():
-            question = question.replace(old, new)
-        converted.append(
-            {
-                **item,
-                "question": question,
-                **{key: mapping.get(item[key].strip(), item[key]) for key in ITEM_KEYS[1:]},
-            }
-        )
-    return converted
 
 
 # ----- prompts -------------------------------------------------------------------------------------
@@ -217,19 +130,6 @@ def answer_activations(path) -> tuple[np.ndarray, np.ndarray, list[int]]:
             sides[side].append(vectors[last & (rows["label"] == side).to_numpy()])
     positive, negative = (np.stack(sides[side], axis=1) for side in ("positive", "negative"))
     return positive, negative, layers
-
-
-def residual_activations(adapter: ModelAdapter, prompts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
-    """(N, L, D) float32 on the CPU: the residual stream after every block at each prompt's last token."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            batch = adapter.batch([adapter.encode_prompt(prompt) for prompt in prompts[start : start + batch_size]])
-            acts, _ = adapter.residual_stream(batch, batch.last_positions(1))  # (L, B, 1, D)
-            chunks.append(acts[:, :, 0].transpose(0, 1).float().cpu())
-    return torch.cat(chunks)
 
 
 def state_vectors(
@@ -443,45 +343,6 @@ def steering_sweep(
                 records += _records(
                     behavior, mode, n_positions, item_id, layer_of_row, multipliers * len(group), p_matching, nonsense
                 )
-    return pd.DataFrame.from_records(records)
-
-
-def naive_sweep(
-    adapter: ModelAdapter,
-    items: Sequence[dict],
-    *,
-    mode: str = "residual",
-    residual_vectors: torch.Tensor | None = None,
-    layers: Sequence[int] | None = None,
-    multipliers: Sequence[float] = MULTIPLIERS,
-    n_positions: int = 1,
-    labels: Sequence[str] = AB_LABELS,
-    chat: bool = True,
-    behavior: str | None = None,
-    item_ids: Sequence | None = None,
-) -> pd.DataFrame:
-    """The residual-mode table of `steering_sweep`, recomputed from scratch for every (item, layer,
-    multiplier): the whole prompt in one call, batch size 1, no cached prefix. Slow: a reference for
-    checks and the benchmark. (The state modes are checked by the tests' own token-by-token loop.)"""
-    if mode != "residual":
-        raise ValueError(f"naive_sweep recomputes mode 'residual' only, not {mode!r}")
-    layers, multipliers, residual_vectors = _check_sweep(
-        adapter, items, mode, residual_vectors, None, layers, multipliers, n_positions, labels
-    )
-    records = []
-    with torch.no_grad():
-        prepared = _prepared_items(adapter, items, labels, chat, n_positions, item_ids)
-        for item_id, tokens, label_ids, matching in prepared:
-            ids = torch.tensor([tokens], dtype=torch.long, device=adapter.device)
-            positions = torch.arange(len(tokens) - n_positions, len(tokens))[None]
-            for layer in layers:
-                for multiplier in multipliers:
-                    with adapter.add_to_block(layer, multiplier * residual_vectors[layer].float(), positions):
-                        logits, _ = adapter.forward(ids)
-                    p_matching, nonsense = _answer_metrics(logits[:, -1], label_ids, matching)
-                    records += _records(
-                        behavior, mode, n_positions, item_id, [layer], [multiplier], p_matching, nonsense
-                    )
     return pd.DataFrame.from_records(records)
 
 
