@@ -14,6 +14,7 @@ if not workflow.overwrite_configfiles:
 
 include: "rules/common.smk"
 include: "rules/models.smk"
+include: "rules/pretraining.smk"
 include: "rules/activations.smk"
 include: "rules/steering.smk"
 include: "rules/lens.smk"
@@ -34,4 +35,5 @@ rule all:
         all_steering_figures(),
         all_lens_figures(),
         all_quirky_figures(),
+        all_training_figures(),
     default_target: True

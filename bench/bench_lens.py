@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from workflow_scripts.adapters import load_adapter  # noqa: E402
-from workflow_scripts.lens import TunedLens, build_corpus, python_reference_texts, train_lens  # noqa: E402
+from workflow_scripts.corpus import python_reference_texts  # noqa: E402
+from workflow_scripts.lens import TunedLens, build_corpus, train_lens  # noqa: E402
 from workflow_scripts.model_sources import materialize  # noqa: E402
 
 DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())["models"]

@@ -54,6 +54,7 @@ JOB_SIZES = {
     "finetune_quirky": (16000, 720),
     "answer_quirky": (8000, 60),
     "fit_probes": (8000, 240),
+    "train_model": (8000, 720),
 }
 
 
@@ -70,6 +71,10 @@ def _alternatives(names):
 
 
 BASE_MODELS = _alternatives(config["models"])
+# Models the pipeline trains (rule train_model) and those build_model materializes: one producer each.
+TRAINED = [name for name, spec in config["models"].items() if "trained" in spec["source"]]
+TRAINED_MODELS = _alternatives(TRAINED)
+BUILT_MODELS = _alternatives([name for name in config["models"] if name not in TRAINED])
 
 
 wildcard_constraints:
@@ -78,6 +83,7 @@ wildcard_constraints:
     dataset=_alternatives(config["quirky"]["datasets"]),
     prompt_set=_alternatives([*config["prompt_sets"], *BEHAVIOR_PROMPT_SETS, *QUIRKY_PROMPT_SETS]),
     behavior=_alternatives(config["behaviors"]),
+    tokenizer=_alternatives(config["pretraining"]["tokenizers"]),
 
 
 def model_spec(wildcards):
@@ -87,6 +93,20 @@ def model_spec(wildcards):
         base, _ = FINETUNED_MODELS[wildcards.model]
         return finetuned_model_spec(config, base, f"data/models/{wildcards.model}/weights")
     return config["models"][wildcards.model]
+
+
+def tokenizer_settings(wildcards):
+    return config["pretraining"]["tokenizers"][wildcards.tokenizer]
+
+
+def trained_model_tokenizer(output):
+    """Input function: the prepare_tokenizer output `output` of a trained model's tokenizer."""
+
+    def path(wildcards):
+        name = config["models"][wildcards.model]["source"]["trained"]["tokenizer"]
+        return getattr(rules.prepare_tokenizer.output, output).format(tokenizer=name)
+
+    return path
 
 
 def base_model_spec(wildcards):
@@ -177,6 +197,12 @@ def all_quirky_figures():
         dataset=config["quirky"]["datasets"],
         figure=["probes", "anomaly", "accuracy"],
     )
+
+
+def all_training_figures():
+    if not TRAINED:
+        return []
+    return ["reports/figures/pretraining/training_curves.png"]
 
 
 def all_activations():

@@ -118,3 +118,23 @@ rule plot_quirky:
         "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_plot_quirky.py"
+
+
+rule plot_training:
+    input:
+        histories=expand("data/models/{model}/training.csv", model=TRAINED),
+    output:
+        curves=report(
+            "reports/figures/pretraining/training_curves.png",
+            caption="../reports/captions/training_curves.rst",
+            category="Models trained here",
+        ),
+        table="reports/tables/pretraining/training.csv",
+    log:
+        "logs/plot_training/plot_training.log",
+    benchmark:
+        "logs/plot_training/plot_training.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    script:
+        "../workflow_scripts/rule_plot_training.py"

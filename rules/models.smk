@@ -3,7 +3,7 @@
 
 rule build_model:
     wildcard_constraints:
-        model=BASE_MODELS,
+        model=BUILT_MODELS,
     output:
         manifest=model_manifest("{model}"),
     params:

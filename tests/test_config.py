@@ -124,3 +124,15 @@ def test_checked_config_is_remembered_and_rechecked_when_anything_changes(tmp_pa
     assert configuration.check_config_cached(changed, tmp_path)["seed"] == changed["seed"] and calls == [1]
     with pytest.raises(ConfigError, match="nope"):  # a bad config is checked (and refused) every time
         configuration.check_config_cached({**raw, "nope": 1}, tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["source"]["trained"].update(tokenizer="nope"), "tokenizer = 'nope' is not under pretraining.tokenizers"),
+    (lambda m: m["source"]["trained"].update(model_type="no-such-architecture"), "does not build"),
+    (lambda m: m["source"]["trained"].update(steps=0), "steps"),
+])
+def test_a_trained_model_with_a_bad_entry_is_refused_before_any_job(change, message):
+    config = yaml.safe_load((REPO / "configs" / "matched-test.yaml").read_text())
+    change(config["models"]["mamba-trained"])
+    with pytest.raises(ConfigError, match=message):
+        check_config(config)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from workflow_scripts import lens as lens_module
+from workflow_scripts.corpus import load_hf_texts, python_reference_texts, read_text_files
 from workflow_scripts.lens import (
     INPUT_LAYER,
     TunedLens,
@@ -21,12 +22,9 @@ from workflow_scripts.lens import (
     count_text_bytes,
     evaluate_lenses,
     kl_from_final,
-    load_hf_texts,
     load_lens,
     logit_lens,
     prediction_trajectory,
-    python_reference_texts,
-    read_text_files,
     save_lens,
     sequence_length,
     stream_name,

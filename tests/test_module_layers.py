@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "workflow_scripts"
 LAYERS = {
     "infrastructure": {"__init__", "atomic", "jobs", "configuration", "prefetch"},
     "adapters": {"adapters", "model_sources", "family_traits"},
-    "data": {"activations", "behavior_data", "quirky_data", "prompts"},
-    "stages": {"steering", "lens", "finetune", "probes", "figures"},
+    "data": {"activations", "behavior_data", "quirky_data", "prompts", "corpus"},
+    "stages": {"steering", "lens", "finetune", "probes", "figures", "pretraining"},
 }
 # What each layer may import from the package: no stage imports a stage, no rule script a rule script.
 ALLOWED = {

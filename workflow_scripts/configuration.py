@@ -60,7 +60,7 @@ def describe_error(error) -> str:
         missing = [name for name in schema["required"] if name not in value]
         hint = ""
         if missing == ["source"]:
-            hint = "; a source is one of: hub (id + revision), local (path), gguf (package + file), tiny (model_type)"
+            hint = "; a source is one of: hub (id + revision), local (path), gguf (package + file), tiny (model_type), trained (model_type, tokenizer, steps)"
         return f"config: {key} has no {missing[0]!r} (required keys: {schema['required']}){hint}"
     if kind == "enum":
         return f"config: {key} = {value!r} is not allowed; allowed: {schema['enum']}"
@@ -98,12 +98,12 @@ def model_n_layers(name: str, spec: dict) -> int:
     """Number of blocks, known without loading anything (declared, or in a tiny model's config)."""
     if "n_layers" in spec:
         return spec["n_layers"]
-    tiny = spec["source"].get("tiny")
-    if tiny and "num_hidden_layers" in tiny.get("config", {}):
-        return tiny["config"]["num_hidden_layers"]
+    built_here = spec["source"].get("tiny") or spec["source"].get("trained")
+    if built_here and "num_hidden_layers" in built_here.get("config", {}):
+        return built_here["config"]["num_hidden_layers"]
     raise ConfigError(
-        f"config: models.{name}.n_layers is missing; it is required (except for tiny models whose config sets "
-        "num_hidden_layers) so that layer indices are checked before any job runs"
+        f"config: models.{name}.n_layers is missing; it is required (except for tiny and trained models whose "
+        "config sets num_hidden_layers) so that layer indices are checked before any job runs"
     )
 
 
@@ -133,6 +133,7 @@ def check_config(config: dict) -> dict:
                 f"config: quirky.datasets.{name}.split_fractions = {dataset['split_fractions']} is not allowed; "
                 "the train, validation and test fractions must add up to 1"
             )
+    _check_trained_models(checked)
     for stage in ("steering", "lens", "quirky"):
         chosen = checked[stage].setdefault("models", list(checked["models"]))  # quirky's schema default is []
         unknown = [name for name in chosen if name not in checked["models"]]
@@ -204,6 +205,30 @@ def _canonical(value):
     if isinstance(value, list):
         return [_canonical(item) for item in value]
     return value
+
+
+def _check_trained_models(checked: dict) -> None:
+    """A trained model names a configured tokenizer, and its architecture config builds (checked with
+    transformers' config class only, so nothing is allocated; imported only when a model is trained)."""
+    tokenizers = checked["pretraining"]["tokenizers"]
+    for name, spec in checked["models"].items():
+        trained = spec["source"].get("trained")
+        if trained is None:
+            continue
+        key = f"models.{name}.source.trained"
+        if trained["tokenizer"] not in tokenizers:
+            raise ConfigError(
+                f"config: {key}.tokenizer = {trained['tokenizer']!r} is not under pretraining.tokenizers; "
+                f"allowed: {sorted(tokenizers)}"
+            )
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.for_model(trained["model_type"], **trained["config"])
+        except (ValueError, TypeError, KeyError) as error:
+            raise ConfigError(
+                f"config: {key} (model_type {trained['model_type']!r}, config {trained['config']}) does not build: {error}"
+            ) from None
 
 
 def check_config_cached(config: dict, cache_dir: str | Path) -> dict:

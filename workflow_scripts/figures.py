@@ -228,3 +228,16 @@ def plot_quirky(auroc: pd.DataFrame, anomaly: pd.DataFrame, finetune: dict, accu
     sns.move_legend(right, "upper left", bbox_to_anchor=(1, 1), fontsize=7, title_fontsize=7)
     figure.suptitle(f"{title}: answers against each character's own label")
     save(figure, paths["accuracy"])
+
+
+def plot_training_curves(histories: pd.DataFrame, path) -> None:
+    """Held-out bits per byte against training tokens, one line per trained model, with each
+    tokenizer's unigram baseline (the floor a model must beat to have learned more than token counts)."""
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    sns.lineplot(histories, x="tokens", y="eval_bits_per_byte", hue="model", marker="o", markersize=3, ax=axis)
+    for unigram in sorted(set(histories.unigram_bits_per_byte)):
+        axis.axhline(unigram, color="grey", linestyle="--", linewidth=1)
+    axis.plot([], [], color="grey", linestyle="--", linewidth=1, label="unigram of the training tokens")
+    axis.legend(fontsize=7)
+    axis.set(title="Models trained here: held-out loss", xlabel="training tokens", ylabel="bits per byte (held out)")
+    save(figure, path)

@@ -16,13 +16,11 @@ summed over layers, with the tuned-lens library's optimiser settings.
 from __future__ import annotations
 
 import contextlib
-import glob
-import gzip
 import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -42,62 +40,7 @@ INPUT_LAYER = EMBEDDINGS  # the embeddings: what block 0 receives
 LN2 = math.log(2.0)
 
 
-# ===== corpus ====================================================================================
-def read_text_files(pattern: str) -> Iterator[str]:
-    """One document per file matching the glob (`**` recurses), in sorted order; `.gz` files are
-    read decompressed. Raises at once when nothing matches."""
-    paths = sorted(p for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
-    if not paths:
-        raise FileNotFoundError(f"no files match the corpus glob {str(pattern)!r}")
-
-    def documents():
-        for path in paths:
-            opener = gzip.open if path.endswith(".gz") else open
-            # errors="replace": one stray byte should not sink a corpus; it then counts as U+FFFD.
-            with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
-                yield handle.read()
-
-    return documents()
-
-
-def python_reference_texts() -> Iterator[str]:
-    """The Python language and library reference topics that ship with every CPython install
-    (`pydoc_data.topics`, PSF licence, ~465 kB of English): an offline corpus for small runs."""
-    from pydoc_data.topics import topics
-
-    return (topics[name] for name in sorted(topics))
-
-
-def load_hf_texts(
-    name: str,
-    split: str,
-    text_column: str = "text",
-    *,
-    config_name: str | None = None,
-    revision: str | None = None,
-    **load_kwargs,
-) -> Iterator[str]:
-    """Documents of a Hugging Face dataset (loaded with `datasets.load_dataset` at job time; pass
-    streaming=True to read huge splits lazily). Raises at once when the text column is missing."""
-    import datasets
-
-    dataset = datasets.load_dataset(name, config_name, split=split, revision=revision, **load_kwargs)
-    def missing_column(columns):
-        return ValueError(f"dataset {name!r} split {split!r} has no text column {text_column!r}; columns: {columns}")
-
-    columns = dataset.column_names  # None for some streaming datasets: then checked on each row
-    if columns is not None and text_column not in columns:
-        raise missing_column(columns)
-
-    def documents():
-        for row in dataset:
-            if text_column not in row:
-                raise missing_column(sorted(row))
-            yield row[text_column]
-
-    return documents()
-
-
+# ===== corpus sequences (the documents come from corpus.py) ======================================
 def sequence_length(requested: int, tokenizer_max_length: int | None) -> int:
     """Tokens per corpus sequence: `requested`, or the tokenizer's model_max_length where that is
     smaller, as the tuned-lens package chunks its data (min(model_max_length, max_seq_len))."""

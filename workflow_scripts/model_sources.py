@@ -175,7 +175,7 @@ def load_model_tokenizer(spec: dict, model_dir: Path | None = None):
     kind = source_kind(spec)
     if "tokenizer" in spec:
         tokenizer = load_tokenizer(spec["tokenizer"], bool(spec.get("trust_remote_code")))
-    elif kind == "tiny" or (kind == "gguf" and model_dir is not None and (Path(model_dir) / "config.json").is_file()):
+    elif kind in ("tiny", "trained") or (kind == "gguf" and model_dir is not None and (Path(model_dir) / "config.json").is_file()):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)  # saved by build_model
     else:
         tokenizer = load_tokenizer({kind: spec["source"][kind]}, bool(spec.get("trust_remote_code")))
@@ -206,12 +206,13 @@ def load_model(spec: dict, name: str | None = None, model_dir: Path | None = Non
         else:
             model, tokenizer = dequantized_gguf(path, dtype)
         info.update(model_id=f"{body['package']}/{body['file']}", revision=expected)
-    elif kind == "tiny":
+    elif kind in ("tiny", "trained"):
         if model_dir is None:
-            raise ValueError(f"model {name!r} is built locally: pass the directory the build_model rule wrote")
+            raise ValueError(f"model {name!r} is built here: pass the directory its build_model or train_model job wrote")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        info.update(model_id=f"tiny:{body['model_type']}", revision=f"seed={body.get('seed', 0)}")
+        revision = f"seed={body.get('seed', 0)}" + (f", {body['steps']} steps" if kind == "trained" else "")
+        info.update(model_id=f"{kind}:{body['model_type']}", revision=revision)
     else:
         directory = _hub_dir(body) if kind == "hub" else Path(body["path"])
         if spec.get("format", "transformers") == "mamba_ssm":
@@ -255,6 +256,8 @@ def materialize(spec: dict, name: str, out_dir: Path) -> dict:
     kind = source_kind(spec)
     body = spec["source"][kind]
     resolved: dict = {}
+    if kind == "trained":
+        raise ValueError(f"model {name!r} is trained by the train_model rule, not materialized by build_model")
     if kind == "tiny":
         build_tiny_model(spec, out_dir / "weights")
     elif kind == "gguf":

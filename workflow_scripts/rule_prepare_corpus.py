@@ -8,27 +8,14 @@ import numpy as np
 
 from workflow_scripts.atomic import atomic_path
 from workflow_scripts.jobs import start_job
-from workflow_scripts.lens import (
-    build_corpus,
-    load_hf_texts,
-    python_reference_texts,
-    read_text_files,
-    sequence_length,
-)
+from workflow_scripts.corpus import source_documents
+from workflow_scripts.lens import build_corpus, sequence_length
 from workflow_scripts.model_sources import load_model_tokenizer, pinned_spec
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)
 corpus = sm.params.corpus
-(kind, source), = corpus["source"].items()
-if kind == "python_docs":
-    texts, name = python_reference_texts(), "python_docs (pydoc_data.topics)"
-elif kind == "text_files":
-    texts, name = read_text_files(source), f"text files {source!r}"
-else:
-    texts = load_hf_texts(source["name"], source["split"], source.get("text_column", "text"),
-                          config_name=source.get("config"), revision=source["revision"])
-    name = f"{source['name']} ({source['split']})"
+texts, name = source_documents(corpus["source"])
 manifest = json.loads(Path(sm.input.manifest).read_text())
 tokenizer = load_model_tokenizer(pinned_spec(sm.params.spec, manifest), Path(sm.input.manifest).parent / "weights")
 eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
