@@ -108,7 +108,9 @@ def model_n_layers(name: str, spec: dict) -> int:
 
 
 # Quirky dataset settings that only apply when the dataset is generated, not read from a source.
-GENERATION_SETTINGS = ("split_fractions", "operand_range", "distractor_fraction", "subtraction_operands", "difficulty_buckets")
+GENERATION_SETTINGS = (
+    "split_fractions", "operand_range", "distractor_fraction", "subtraction_operands", "difficulty_buckets"
+)
 
 
 def check_config(config: dict) -> dict:
@@ -137,11 +139,15 @@ def check_config(config: dict) -> dict:
         chosen = checked[stage].setdefault("models", list(checked["models"]))  # quirky's schema default is []
         unknown = [name for name in chosen if name not in checked["models"]]
         if unknown:
-            raise ConfigError(f"config: {stage}.models has {unknown[0]!r}, not a model; allowed: {sorted(checked['models'])}")
+            raise ConfigError(
+                f"config: {stage}.models has {unknown[0]!r}, not a model; allowed: {sorted(checked['models'])}"
+            )
     steering = checked["steering"]
     for name, spec in checked["models"].items():
         n_layers = model_n_layers(name, spec)
-        for key, layers in (("extraction.layers", checked["extraction"]["layers"]), ("steering.layers", steering["layers"])):
+        for key, layers in (
+            ("extraction.layers", checked["extraction"]["layers"]), ("steering.layers", steering["layers"])
+        ):
             outside = [] if layers == "all" else [layer for layer in layers if layer >= n_layers]
             if outside:
                 raise ConfigError(

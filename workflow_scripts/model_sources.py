@@ -78,7 +78,8 @@ def build_byte_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<|pad|>", eos_token="<|end|>", additional_special_tokens=TINY_SPECIAL_TOKENS[2:]
+        tokenizer_object=core, pad_token="<|pad|>", eos_token="<|end|>",
+        additional_special_tokens=TINY_SPECIAL_TOKENS[2:],
     )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     return tokenizer
@@ -193,7 +194,9 @@ def load_model(spec: dict, name: str | None = None, model_dir: Path | None = Non
     body = spec["source"][kind]
     dtype = DTYPES[spec.get("dtype", "float32")]
     remote = bool(spec.get("trust_remote_code", False))
-    info = {"name": name, "family": spec["family"], "source": kind, "revision": None, "dtype": spec.get("dtype", "float32")}
+    info = {
+        "name": name, "family": spec["family"], "source": kind, "revision": None, "dtype": spec.get("dtype", "float32")
+    }
     if kind == "gguf":
         path = gguf_path(body)
         expected = body.get("sha256")
@@ -271,7 +274,9 @@ def materialize(spec: dict, name: str, out_dir: Path) -> dict:
         # The snapshot folder is named by the commit fetched: the pin to use where the config says a branch.
         resolved.update(snapshot=str(snapshot), commit=snapshot.name)
         if not re.fullmatch(r"[0-9a-f]{40}", body["revision"]):
-            log.warning("model %s: revision %r is a branch or tag; pin it to commit %s", name, body["revision"], snapshot.name)
+            log.warning(
+                "model %s: revision %r is a branch or tag; pin it to commit %s", name, body["revision"], snapshot.name
+            )
     elif kind == "local" and not Path(body["path"]).is_dir():
         raise FileNotFoundError(f"model {name!r}: local path {body['path']!r} is not a directory")
     manifest = {"name": name, "spec": spec, "resolved": resolved, "code_version": CODE_VERSION}
