@@ -29,9 +29,9 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         all_activations(),
         all_steering_figures(),
         all_lens_figures(),
         all_quirky_figures(),
-    default_target: True
