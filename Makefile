@@ -54,7 +54,9 @@ dry-run: $(STAMP)
 
 lint: $(STAMP)
 	for config in config.yaml configs/*.yaml; do $(BIN)/snakemake --lint --configfile $$config > $(VENV)/lint.log 2>&1 || { cat $(VENV)/lint.log; echo "snakemake --lint failed for $$config"; exit 1; }; done
-	@echo "lint: snakemake --lint passes for every config"
+	$(BIN)/ruff check workflow_scripts tests bench
+	$(BIN)/snakefmt --check Snakefile rules/
+	@echo "lint: snakemake --lint passes for every config; ruff and snakefmt --check pass"
 
 clean:
 	rm -rf data/models data/activations logs .snakemake

@@ -30,10 +30,10 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         all_activations(),
         all_steering_figures(),
         all_lens_figures(),
         all_quirky_figures(),
         all_training_figures(),
-    default_target: True

@@ -119,7 +119,9 @@ def main() -> None:
             del adapter
             rss_n = peak_rss(name, n_prompts, batch_size, workdir)
             rss_4n = peak_rss(name, 4 * n_prompts, batch_size, workdir)
-            figures.update(peak_rss_mb_n=round(rss_n, 1), peak_rss_mb_4n=round(rss_4n, 1), rss_growth=round(rss_4n / rss_n, 3))
+            figures.update(
+                peak_rss_mb_n=round(rss_n, 1), peak_rss_mb_4n=round(rss_4n, 1), rss_growth=round(rss_4n / rss_n, 3)
+            )
             results[name] = figures
             print(json.dumps({"model": name, **figures}), flush=True)
     print(

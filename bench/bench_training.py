@@ -27,7 +27,8 @@ VOCAB = 4096
 
 def configs(hidden: int, layers: int) -> dict[str, tuple[str, dict]]:
     return {
-        "transformer": ("llama", {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 64),
+        "transformer": ("llama", {"hidden_size": hidden, "num_hidden_layers": layers,
+                                  "num_attention_heads": max(1, hidden // 64),
                                   "intermediate_size": 4 * hidden, "max_position_embeddings": 1024}),
         "mamba": ("mamba", {"hidden_size": hidden, "num_hidden_layers": layers, "state_size": 16, "expand": 2}),
         "rwkv": ("rwkv", {"hidden_size": hidden, "num_hidden_layers": layers, "attention_hidden_size": hidden,
@@ -72,12 +73,22 @@ def main() -> None:
                 continue  # the reference Mamba loop is the slow one: skipped in --quick
             step = seconds_per_step(model, ids, 1 if path == "reference" else steps, fast=path == "fast")
             speeds[family, path] = tokens / step
-            print(json.dumps({"benchmark": "training", "family": family, "path": path, "parameters": parameters,
-                              "seconds_per_step": round(step, 3), "tokens_per_second": round(tokens / step)}))
+            print(
+                json.dumps(
+                    {
+                        "benchmark": "training",
+                        "family": family,
+                        "path": path,
+                        "parameters": parameters,
+                        "seconds_per_step": round(step, 3),
+                        "tokens_per_second": round(tokens / step),
+                    }
+                )
+            )
     slowest_rnn = min(speeds["mamba", "fast"], speeds["rwkv", "fast"])
     summary = {
         "benchmark": "training", "hidden": args.hidden, "layers": args.layers, "tokens_per_step": tokens,
-        **{f"train_tokens_per_s_{family}": round(speeds[family, "fast"]) for family in ("transformer", "mamba", "rwkv")},
+        **{f"train_tokens_per_s_{name}": round(speeds[name, "fast"]) for name in ("transformer", "mamba", "rwkv")},
         "rnn_train_speed_vs_transformer": round(slowest_rnn / speeds["transformer", "fast"], 3),
     }  # fmt: skip
     for family in ("mamba", "rwkv"):

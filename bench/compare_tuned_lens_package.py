@@ -320,7 +320,8 @@ def main() -> None:
             "ours_logit_kl": round(float(ours["logit"][layer]), 5) + 0.0,
             "package_logit_kl": round(package["kl_logit"][j], 5) if in_package else None,
             "package_tuned_kl_all_positions": round(package["kl_tuned_all_positions"][j], 5) if in_package else None,
-            **({} if in_package else {"note": "no translator on either side: this stream is the model's output (KL 0)"}),
+            **({} if in_package else
+               {"note": "no translator on either side: this stream is the model's output (KL 0)"}),
         })  # fmt: skip
     for step, (ours_s, package_s) in enumerate(zip(ours_steps, package["step_seconds"]), start=1):
         emit({

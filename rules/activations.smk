@@ -7,18 +7,18 @@ rule extract_activations:
         prompts=prompt_set_path,
     output:
         parquet="data/activations/{model}/{prompt_set}.parquet",
-    params:
-        spec=model_spec,
-        template=prompt_set_template,
-        extraction=config["extraction"],
     log:
         "logs/extract_activations/{model}/{prompt_set}.log",
     benchmark:
         "logs/extract_activations/{model}/{prompt_set}.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
     resources:
         mem_mb=job_memory("extract_activations"),
         runtime=job_minutes("extract_activations"),
-    conda:
-        "../envs/workflow.yaml"
+    params:
+        spec=model_spec,
+        template=prompt_set_template,
+        extraction=config["extraction"],
     script:
         "../workflow_scripts/rule_extract_activations.py"

@@ -6,21 +6,19 @@ rule prepare_tokenizer:
         tokenizer=directory("data/tokenizers/{tokenizer}/tokenizer"),
         tokens="data/tokenizers/{tokenizer}/tokens.npz",
         stats="data/tokenizers/{tokenizer}/stats.json",
-    params:
-        settings=tokenizer_settings,
     log:
         "logs/prepare_tokenizer/{tokenizer}.log",
     benchmark:
         "logs/prepare_tokenizer/{tokenizer}.benchmark.tsv"
     conda:
         "../envs/workflow.yaml"
+    params:
+        settings=tokenizer_settings,
     script:
         "../workflow_scripts/rule_prepare_tokenizer.py"
 
 
 rule train_model:
-    wildcard_constraints:
-        model=TRAINED_MODELS,
     input:
         tokenizer=trained_model_tokenizer("tokenizer"),
         tokens=trained_model_tokenizer("tokens"),
@@ -29,16 +27,18 @@ rule train_model:
         # A trained model is a model like any other: later rules find it by its manifest.
         manifest=protected(model_manifest("{model}")),
         history="data/models/{model}/training.csv",
-    params:
-        spec=model_spec,
     log:
         "logs/train_model/{model}.log",
     benchmark:
         "logs/train_model/{model}.benchmark.tsv"
+    wildcard_constraints:
+        model=TRAINED_MODELS,
+    conda:
+        "../envs/workflow.yaml"
     resources:
         mem_mb=job_memory("train_model"),
         runtime=job_minutes("train_model"),
-    conda:
-        "../envs/workflow.yaml"
+    params:
+        spec=model_spec,
     script:
         "../workflow_scripts/rule_train_model.py"

@@ -9,15 +9,15 @@ rule prepare_quirky:
         statements="data/quirky/{dataset}/statements.jsonl",
         pairs="data/quirky/{dataset}/pairs.jsonl",
         shortcuts="data/quirky/{dataset}/shortcuts.csv",
-    params:
-        settings=quirky_dataset_settings,
-        seed=config["seed"],
     log:
         "logs/prepare_quirky/{dataset}.log",
     benchmark:
         "logs/prepare_quirky/{dataset}.benchmark.tsv"
     conda:
         "../envs/workflow.yaml"
+    params:
+        settings=quirky_dataset_settings,
+        seed=config["seed"],
     script:
         "../workflow_scripts/rule_prepare_quirky.py"
 
@@ -29,20 +29,20 @@ rule finetune_quirky:
     output:
         # The fine-tuned model is a model like any other: later rules find it by its manifest.
         manifest=protected(model_manifest(finetuned_name("{base}", "{dataset}"))),
+    log:
+        "logs/finetune_quirky/{base}+{dataset}.log",
+    benchmark:
+        "logs/finetune_quirky/{base}+{dataset}.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    resources:
+        mem_mb=job_memory("finetune_quirky"),
+        runtime=job_minutes("finetune_quirky"),
     params:
         base_spec=base_model_spec,
         spec=model_spec,
         finetune=config["quirky"]["finetune"],
         seed=config["seed"],
-    log:
-        "logs/finetune_quirky/{base}+{dataset}.log",
-    benchmark:
-        "logs/finetune_quirky/{base}+{dataset}.benchmark.tsv"
-    resources:
-        mem_mb=job_memory("finetune_quirky"),
-        runtime=job_minutes("finetune_quirky"),
-    conda:
-        "../envs/workflow.yaml"
     script:
         "../workflow_scripts/rule_finetune_quirky.py"
 
@@ -54,17 +54,17 @@ rule answer_quirky:
     output:
         answers="data/quirky/answers/{base}/{dataset}/answers.parquet",
         accuracy="data/quirky/answers/{base}/{dataset}/accuracy.csv",
-    params:
-        spec=model_spec,
     log:
         "logs/answer_quirky/{base}/{dataset}.log",
     benchmark:
         "logs/answer_quirky/{base}/{dataset}.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
     resources:
         mem_mb=job_memory("answer_quirky"),
         runtime=job_minutes("answer_quirky"),
-    conda:
-        "../envs/workflow.yaml"
+    params:
+        spec=model_spec,
     script:
         "../workflow_scripts/rule_answer_quirky.py"
 
@@ -72,22 +72,32 @@ rule answer_quirky:
 rule fit_probes:
     input:
         table="data/quirky/{dataset}/table.parquet",
-        statements=expand(rules.extract_activations.output.parquet, model=finetuned_name("{base}", "{dataset}"), prompt_set="quirky-{dataset}", allow_missing=True),
-        pairs=expand(rules.extract_activations.output.parquet, model=finetuned_name("{base}", "{dataset}"), prompt_set="quirky-{dataset}-pairs", allow_missing=True),
+        statements=expand(
+            rules.extract_activations.output.parquet,
+            model=finetuned_name("{base}", "{dataset}"),
+            prompt_set="quirky-{dataset}",
+            allow_missing=True,
+        ),
+        pairs=expand(
+            rules.extract_activations.output.parquet,
+            model=finetuned_name("{base}", "{dataset}"),
+            prompt_set="quirky-{dataset}-pairs",
+            allow_missing=True,
+        ),
     output:
         auroc="data/quirky/probes/{base}/{dataset}/auroc.csv",
         anomaly="data/quirky/probes/{base}/{dataset}/anomaly.csv",
-    params:
-        probes=config["quirky"]["probes"],
-        seed=config["seed"],
     log:
         "logs/fit_probes/{base}/{dataset}.log",
     benchmark:
         "logs/fit_probes/{base}/{dataset}.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
     resources:
         mem_mb=job_memory("fit_probes"),
         runtime=job_minutes("fit_probes"),
-    conda:
-        "../envs/workflow.yaml"
+    params:
+        probes=config["quirky"]["probes"],
+        seed=config["seed"],
     script:
         "../workflow_scripts/rule_fit_probes.py"

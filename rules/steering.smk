@@ -7,16 +7,16 @@ rule prepare_behaviors:
     output:
         behavior_items="data/behaviors/{behavior}/items.json",
         prompts="data/behaviors/{behavior}/contrast.jsonl",
-    params:
-        source=behavior_source,
-        settings=behavior_settings,
-        seed=config["seed"],
     log:
         "logs/prepare_behaviors/{behavior}.log",
     benchmark:
         "logs/prepare_behaviors/{behavior}.benchmark.tsv"
     conda:
         "../envs/workflow.yaml"
+    params:
+        source=behavior_source,
+        settings=behavior_settings,
+        seed=config["seed"],
     script:
         "../workflow_scripts/rule_prepare_behaviors.py"
 
@@ -28,19 +28,19 @@ rule compute_steering_vectors:
         manifest=model_manifest("{model}"),
     output:
         vectors="data/steering/{model}/{behavior}/vectors.safetensors",
-    params:
-        spec=model_spec,
-        batch_size=config["extraction"]["batch_size"],
-        state=steers_state,
     log:
         "logs/compute_steering_vectors/{model}/{behavior}.log",
     benchmark:
         "logs/compute_steering_vectors/{model}/{behavior}.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
     resources:
         mem_mb=job_memory("compute_steering_vectors"),
         runtime=job_minutes("compute_steering_vectors"),
-    conda:
-        "../envs/workflow.yaml"
+    params:
+        spec=model_spec,
+        batch_size=config["extraction"]["batch_size"],
+        state=steers_state,
     script:
         "../workflow_scripts/rule_compute_steering_vectors.py"
 
@@ -52,17 +52,17 @@ rule evaluate_steering:
         manifest=model_manifest("{model}"),
     output:
         sweep="data/steering/{model}/{behavior}/sweep.parquet",
-    params:
-        spec=model_spec,
-        settings=steering_sweep_settings,
     log:
         "logs/evaluate_steering/{model}/{behavior}.log",
     benchmark:
         "logs/evaluate_steering/{model}/{behavior}.benchmark.tsv"
+    conda:
+        "../envs/workflow.yaml"
     resources:
         mem_mb=job_memory("evaluate_steering"),
         runtime=job_minutes("evaluate_steering"),
-    conda:
-        "../envs/workflow.yaml"
+    params:
+        spec=model_spec,
+        settings=steering_sweep_settings,
     script:
         "../workflow_scripts/rule_evaluate_steering.py"

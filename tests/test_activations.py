@@ -21,7 +21,13 @@ def write_prompts(path, items):
 @pytest.fixture
 def prompt_file(tmp_path):
     items = [
-        {"id": f"q{i}", "prompt": "Is it so? " + "really " * (i % 4), "completion": "(", "label": i % 2, "split": "train" if i < 5 else "test"}
+        {
+            "id": f"q{i}",
+            "prompt": "Is it so? " + "really " * (i % 4),
+            "completion": "(",
+            "label": i % 2,
+            "split": "train" if i < 5 else "test",
+        }
         for i in range(7)
     ]
     return write_prompts(tmp_path / "prompts.jsonl", items)
@@ -70,7 +76,9 @@ def test_each_row_group_holds_one_layer_and_reads_touch_only_it(tiny_adapter, pr
     out = tmp_path / "acts.parquet"
     extract(tiny_adapter, prompt_file, out)
     parquet = pq.ParquetFile(out)
-    layers_per_group = [set(parquet.read_row_group(i, columns=["layer"]).column(0).to_pylist()) for i in range(parquet.num_row_groups)]
+    layers_per_group = [
+        set(parquet.read_row_group(i, columns=["layer"]).column(0).to_pylist()) for i in range(parquet.num_row_groups)
+    ]
     assert all(len(layers) == 1 for layers in layers_per_group)
     # 7 prompts, buffer of 4 rows, batches of 3: flushes after 6 rows and at the end -> 2 groups per layer.
     assert parquet.num_row_groups == 2 * tiny_adapter.n_layers
@@ -134,5 +142,8 @@ def test_bad_prompt_data_names_the_example(tmp_path, line, message):
 def test_prompt_longer_than_context_is_refused(tiny_adapters, tmp_path):
     adapter = next(a for a in tiny_adapters.values() if a.context_length)
     path = write_prompts(tmp_path / "p.jsonl", [{"id": "ok", "prompt": "short"}, {"id": "huge", "prompt": "x" * 5000}])
-    with pytest.raises(ValueError, match=rf"prompt 'huge' has \d+ tokens, more than the context of model .* \({adapter.context_length}\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"prompt 'huge' has \d+ tokens, more than the context of model .* \({adapter.context_length}\)",
+    ):
         tokenize_prompts(adapter, load_prompt_set(path), "chat")

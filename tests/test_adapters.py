@@ -92,7 +92,10 @@ def test_copied_state_is_independent(tiny_adapter):
     ids = same_length_batch(adapter)
     _, state = adapter.forward(ids[:, :-1], use_cache=True)
     copied = adapter.copy_state(state)
-    snapshot = {layer: {k: v.clone() for k, v in adapter.state_tensors(copied, layer).items()} for layer in range(adapter.n_layers)}
+    snapshot = {
+        layer: {k: v.clone() for k, v in adapter.state_tensors(copied, layer).items()}
+        for layer in range(adapter.n_layers)
+    }
     adapter.forward(ids[:, -1:], state=state)  # mutates `state` in place
     adapter.add_to_state(state, 0, {k: torch.ones_like(v[0]) for k, v in adapter.state_values(state, 0).items()})
     for layer in range(adapter.n_layers):
@@ -183,11 +186,14 @@ def test_mamba_ssm_checkpoint_converts_to_the_port(tiny_adapters, tmp_path):
 
     reference = next(a for a in tiny_adapters.values() if a.family == "mamba")
     config = reference.model.config
-    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in reference.model.state_dict().items()}
+    state = {
+        k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in reference.model.state_dict().items()
+    }
     torch.save(state, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(
         json.dumps({"d_model": config.hidden_size, "n_layer": config.num_hidden_layers, "vocab_size": config.vocab_size,
-                    "pad_vocab_size_multiple": 1, "ssm_cfg": {"d_state": config.state_size}, "rms_norm": True, "residual_in_fp32": True})
+                    "pad_vocab_size_multiple": 1, "ssm_cfg": {"d_state": config.state_size}, "rms_norm": True,
+                    "residual_in_fp32": True})
     )
     reference.tokenizer.save_pretrained(tmp_path / "tokenizer")
     spec = {"family": "mamba", "format": "mamba_ssm", "source": {"local": {"path": str(tmp_path)}},

@@ -9,8 +9,16 @@ import pytest
 from tests.conftest import REPO, SHARED
 from workflow_scripts.behavior_data import load_prepared, prepare_behavior
 
-GOOD = {"question": "Q?\n\nChoices:\n (A) yes\n (B) no", "answer_matching_behavior": "(A)", "answer_not_matching_behavior": "(B)"}
-BAD = {"question": "Q?\n\nChoices:\n (A) yes\n (B) no\n (C) maybe", "answer_matching_behavior": "(C)", "answer_not_matching_behavior": "(A)"}
+GOOD = {
+    "question": "Q?\n\nChoices:\n (A) yes\n (B) no",
+    "answer_matching_behavior": "(A)",
+    "answer_not_matching_behavior": "(B)",
+}
+BAD = {
+    "question": "Q?\n\nChoices:\n (A) yes\n (B) no\n (C) maybe",
+    "answer_matching_behavior": "(C)",
+    "answer_not_matching_behavior": "(A)",
+}
 
 
 def write_behavior(folder: Path, generate, test) -> Path:

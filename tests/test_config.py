@@ -34,7 +34,8 @@ _DELETE = object()
 @pytest.mark.parametrize(
     "path, value, expected",
     [
-        (("models", "mamba-tiny", "family"), "lstm", ["models.mamba-tiny.family", "'lstm'", "transformer", "mamba", "rwkv"]),
+        (("models", "mamba-tiny", "family"), "lstm",
+         ["models.mamba-tiny.family", "'lstm'", "transformer", "mamba", "rwkv"]),
         (("models", "mamba-tiny", "source"), _DELETE, ["models.mamba-tiny", "'source'", "hub", "gguf", "tiny"]),
         (("extraction", "batch_size"), -4, ["extraction.batch_size", "-4", ">= 1"]),
         (("extraction", "layers"), [0, 7], ["extraction.layers", "7", "llama-tiny", "0..2"]),
@@ -42,10 +43,12 @@ _DELETE = object()
         (("models", "mamba-tiny", "source"), {"hub": {"id": "x/y"}}, ["models.mamba-tiny.source.hub", "'revision'"]),
         (("models", "mamba-tiny", "dtype"), "float8", ["models.mamba-tiny.dtype", "'float8'", "bfloat16"]),
         (("extraction", "positions"), "first", ["extraction.positions", "'first'", "'last', 'all'"]),
-        (("models", "mamba-tiny", "source"), {"gguf": {"package": "p", "file": "f"}}, ["models.mamba-tiny.n_layers", "required"]),
+        (("models", "mamba-tiny", "source"), {"gguf": {"package": "p", "file": "f"}},
+         ["models.mamba-tiny.n_layers", "required"]),
         (("quirky", "datasets", "addition", "source"), {"hub": {"id": "EleutherAI/quirky_addition_increment0_raw"}},
          ["quirky.datasets.addition.source.hub", "'revision'"]),
-        (("quirky", "datasets", "addition"), {"operation": "addition", "n_problems": 64, "operand_range": [1, 9], "source": {"local": "d"}},
+        (("quirky", "datasets", "addition"),
+         {"operation": "addition", "n_problems": 64, "operand_range": [1, 9], "source": {"local": "d"}},
          ["quirky.datasets.addition.operand_range", "not used with", "source"]),
         (("quirky", "finetune", "lora_modules"), "mlp", ["quirky.finetune.lora_modules", "'mlp'", "attention", "all"]),
         (("quirky", "datasets", "addition", "operation"), "division",
@@ -57,7 +60,8 @@ _DELETE = object()
          ["steering.modes", "'state'", "model 'rwkv-tiny'", "cannot read", "allowed for it: ['residual']"]),
         (("steering", "model_modes"), {"rwkv-tiny": ["residual"], "llama-tyni": ["residual"]},
          ["steering.model_modes", "'llama-tyni'", "not a steered model", "rwkv-tiny"]),
-        (("steering", "model_modes"), {"rwkv-tiny": ["sideways"]}, ["steering.model_modes.rwkv-tiny.0", "'sideways'", "both"]),
+        (("steering", "model_modes"), {"rwkv-tiny": ["sideways"]},
+         ["steering.model_modes.rwkv-tiny.0", "'sideways'", "both"]),
         (("extraction", "positions"), [0, -2], ["extraction.positions", "[0, -2]", "-1", "'last', 'all'"]),
     ],
 )
@@ -127,7 +131,7 @@ def test_checked_config_is_remembered_and_rechecked_when_anything_changes(tmp_pa
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda m: m["source"]["trained"].update(tokenizer="nope"), "tokenizer = 'nope' is not under pretraining.tokenizers"),
+    (lambda m: m["source"]["trained"].update(tokenizer="nope"), "'nope' is not under pretraining.tokenizers"),
     (lambda m: m["source"]["trained"].update(model_type="no-such-architecture"), "does not build"),
     (lambda m: m["source"]["trained"].update(steps=0), "steps"),
 ])

@@ -34,7 +34,9 @@ def test_killed_extraction_leaves_no_output_and_a_rerun_completes_it(run_copy):
     process.wait()
     assert not target.exists()
     assert snakemake(run_copy, "--unlock", "--configfile", "configs/test.yaml").returncode == 0
-    rerun = snakemake(run_copy, str(target.relative_to(run_copy)), "--rerun-incomplete", "--configfile", "configs/test.yaml")
+    rerun = snakemake(
+        run_copy, str(target.relative_to(run_copy)), "--rerun-incomplete", "--configfile", "configs/test.yaml"
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     rows, vectors = read_layer(target, 0)
     assert len(rows) == 16 and vectors.shape[0] == 16

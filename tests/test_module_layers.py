@@ -56,7 +56,9 @@ def test_module_imports_only_what_its_layer_allows(path):
     layer = layer_of(path.stem)
     for imported in package_imports(path) - {path.stem, "CODE_VERSION"}:
         target = layer_of(imported)
-        assert target in ALLOWED[layer], f"{path.stem} ({layer}) imports {imported} ({target}): move the shared code down a layer"
+        assert target in ALLOWED[layer], (
+            f"{path.stem} ({layer}) imports {imported} ({target}): move the shared code down a layer"
+        )
 
 def test_the_layer_check_catches_a_stage_importing_a_stage(tmp_path):
     """The parser sees top-level and function-level imports alike."""

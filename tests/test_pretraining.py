@@ -30,16 +30,30 @@ def test_rwkv4_chunked_wkv_equals_the_reference_loop_outputs_and_gradients(lengt
     got, _ = pretraining.rwkv4_wkv_chunked(*outputs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     weights = torch.randn(expected.shape, generator=generator)
-    for a, b in zip(torch.autograd.grad((expected * weights).sum(), inputs), torch.autograd.grad((got * weights).sum(), outputs)):
+    for a, b in zip(
+        torch.autograd.grad((expected * weights).sum(), inputs), torch.autograd.grad((got * weights).sum(), outputs)
+    ):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type, config", [
-    ("mamba", {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "expand": 2}),
-    ("rwkv", {"hidden_size": 32, "num_hidden_layers": 2, "attention_hidden_size": 32, "intermediate_size": 64,
-              "context_length": 64, "rescale_every": 0}),
-    ("llama", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}),
-])
+@pytest.mark.parametrize(
+    "model_type, config",
+    [
+        ("mamba", {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "expand": 2}),
+        (
+            "rwkv",
+            {
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "attention_hidden_size": 32,
+                "intermediate_size": 64,
+                "context_length": 64,
+                "rescale_every": 0,
+            },
+        ),
+        ("llama", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}),
+    ],
+)
 def test_fast_training_gives_the_reference_loss_and_gradients(model_type, config):
     model = pretraining.build_model(model_type, config, vocab_size=50, seed=0)
     model.train()
@@ -94,7 +108,15 @@ def test_training_learns_and_a_killed_run_resumes_where_it_stopped(tmp_path):
     with np.load(tmp_path / "tok" / "tokens.npz") as tokens:
         train, evaluation = tokens["train"], tokens["eval"]
     config = {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "expand": 2}
-    settings = {"steps": 12, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.1, "eval_every": 4, "seed": 0}
+    settings = {
+        "steps": 12,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "weight_decay": 0.1,
+        "eval_every": 4,
+        "seed": 0,
+    }
 
     def run(checkpoint, stop_after=None):
         model = pretraining.build_model("mamba", config, SETTINGS["vocab_size"], seed=0)
@@ -104,8 +126,16 @@ def test_training_learns_and_a_killed_run_resumes_where_it_stopped(tmp_path):
                 raise KeyboardInterrupt
 
         try:
-            history = pretraining.train_language_model(model, train, evaluation, settings, eval_bytes=stats["eval_bytes"],
-                                                       checkpoint_path=checkpoint, progress=False, on_eval=interrupt)
+            history = pretraining.train_language_model(
+                model,
+                train,
+                evaluation,
+                settings,
+                eval_bytes=stats["eval_bytes"],
+                checkpoint_path=checkpoint,
+                progress=False,
+                on_eval=interrupt,
+            )
         except KeyboardInterrupt:
             return None, None
         return model, history

@@ -198,7 +198,9 @@ def test_transfers_score_truth_on_the_right_rows(quirky_metadata):
     # Probes learn (or, unsupervised, take their sign from) each context's own label by default, as the
     # reference: from Bob's contexts a truth-encoding layer is learned reversed, so B->A falls below
     # chance; everything else finds the truth.
-    truth_layer = result[(result["layer"] == 0) & (result["method"] != "random")].set_index(["method", "transfer"]).sort_index()
+    truth_layer = (
+        result[(result["layer"] == 0) & (result["method"] != "random")].set_index(["method", "transfer"]).sort_index()
+    )
     supervised_b_to_a = truth_layer.loc[(slice(None), "B->A"), "auroc"]
     assert (supervised_b_to_a < 0.05).all(), supervised_b_to_a
     rest = truth_layer.drop(index=supervised_b_to_a.index)["auroc"]
@@ -276,9 +278,13 @@ def test_random_baseline_in_transfers_reports_mean_and_spread(quirky_metadata):
         quirky_metadata, statements, methods=["random"], transfers=["A->A"], n_random_directions=200, n_boot=0
     ).iloc[0]
     fit = probes._subset(quirky_metadata, ("Alice", None), "train")
-    test = probes._subset(quirky_metadata, ("Alice", None), "test") & (quirky_metadata.claim_kind != "distractor").to_numpy()
+    test = (
+        probes._subset(quirky_metadata, ("Alice", None), "test")
+        & (quirky_metadata.claim_kind != "distractor").to_numpy()
+    )
     aurocs = probes.random_direction_aurocs(
-        statements[fit, 0], quirky_metadata["label"][fit], statements[test, 0], quirky_metadata["truth_label"][test], 200, 0
+        statements[fit, 0], quirky_metadata["label"][fit],
+        statements[test, 0], quirky_metadata["truth_label"][test], 200, 0,
     )
     assert result["auroc"] == pytest.approx(aurocs.mean())
     assert (result["auroc_lo"], result["auroc_hi"]) == pytest.approx(tuple(np.quantile(aurocs, [0.025, 0.975])))
@@ -400,4 +406,6 @@ def test_anomaly_gaussian_uses_the_empirical_covariance_by_default():
     inverse = np.linalg.inv(np.cov(reference.T))
     expected = np.array([row @ inverse @ row for row in centred])
     np.testing.assert_allclose(probes._mahalanobis(reference, x, "empirical"), expected, rtol=1e-8)
-    assert not np.allclose(probes._mahalanobis(reference[:20], x, "ledoit_wolf"), probes._mahalanobis(reference[:20], x, "empirical"))
+    assert not np.allclose(
+        probes._mahalanobis(reference[:20], x, "ledoit_wolf"), probes._mahalanobis(reference[:20], x, "empirical")
+    )

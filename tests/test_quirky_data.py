@@ -128,7 +128,9 @@ def shortcut_auroc_by_hand(frame, character, bucket, feature):
 
     def values(rows):
         claims = rows["claimed"].tolist()
-        return {"size": claims, "digits": [len(str(abs(c))) for c in claims], "last": [abs(c) % 10 for c in claims]}[feature]
+        return {
+            "size": claims, "digits": [len(str(abs(c))) for c in claims], "last": [abs(c) % 10 for c in claims]
+        }[feature]
 
     fit_values, test_values = values(fit), values(test)
     if feature == "size":
@@ -149,7 +151,12 @@ def shortcut_auroc_by_hand(frame, character, bucket, feature):
         {"operation": "addition", "n_problems": 4000, "operand_range": (1, 999)},  # configs/quirky-smollm2-full.yaml
         {"operation": "subtraction", "n_problems": 3000},
         # configs/paper.yaml's reference settings
-        {"operation": "subtraction", "n_problems": 3000, "subtraction_operands": "as_drawn", "difficulty_buckets": "rank_quantiles"},
+        {
+            "operation": "subtraction",
+            "n_problems": 3000,
+            "subtraction_operands": "as_drawn",
+            "difficulty_buckets": "rank_quantiles",
+        },
         {"operation": "addition", "n_problems": 3000, "difficulty_buckets": "rank_quantiles"},
         {"operation": "multiplication", "n_problems": 3000},
     ],
@@ -288,7 +295,9 @@ def test_published_dataset_round_trips_to_the_same_rows(tmp_path):
     loaded = quirky_data.from_published(quirky_data.load_published({"local": str(tmp_path / "pub")}), "addition", 120)
     assert list(loaded.columns) == COLUMNS
     key = ["a", "b", "character"]
-    compare = ["statement", "claimed", "label", "truth_label", "split", "claim_kind", "difficulty", "true_result", "bob_result"]
+    compare = [
+        "statement", "claimed", "label", "truth_label", "split", "claim_kind", "difficulty", "true_result", "bob_result"
+    ]
     merged = original.merge(loaded, on=key, suffixes=("", "_loaded"))
     assert len(merged) == len(original) == len(loaded)
     for column in compare:
@@ -376,14 +385,19 @@ def test_published_dataset_in_the_reference_shape_keys_rows_by_equation(tmp_path
     for split, frame in splits.items():
         frame.to_parquet(folder / f"{split}.parquet", index=False)
     equations = {split: len(frame) // 2 for split, frame in splits.items()}
-    loaded = quirky_data.from_published(quirky_data.load_published({"local": str(folder)}), "addition", sum(equations.values()))
+    loaded = quirky_data.from_published(
+        quirky_data.load_published({"local": str(folder)}), "addition", sum(equations.values())
+    )
     assert loaded.groupby("split")["problem_id"].nunique().to_dict() == equations
     assert (loaded.groupby("problem_id")["character"].apply(sorted).map(tuple) == ("Alice", "Bob")).all()
     train = loaded[loaded["split"] == "train"]
     assert train.groupby(["a", "b"])["claimed"].nunique().max() == 2  # a pair in two equations
     truth = loaded["a"] + loaded["b"]
     assert (loaded["truth_label"] == (loaded["claimed"] == truth)).all()
-    assert (loaded.loc[loaded.character == "Bob", "label"] == (loaded["claimed"] == loaded["bob_result"])[loaded.character == "Bob"]).all()
+    assert (
+        loaded.loc[loaded.character == "Bob", "label"]
+        == (loaded["claimed"] == loaded["bob_result"])[loaded.character == "Bob"]
+    ).all()
 
 
 def test_published_equation_without_its_alice_row_is_refused(tmp_path):
@@ -407,7 +421,8 @@ def test_subtraction_as_drawn_gives_negative_results_with_bobs_rule_on_their_mag
         texts = [str(truth), str(bob)]
         assert claim not in (truth, bob)
         assert any(
-            claim == int(t[:i] + d + t[i + 1 :]) for t in texts for i in range(len(t)) for d in "0123456789" if d != t[i]
+            claim == int(t[:i] + d + t[i + 1 :])
+            for t in texts for i in range(len(t)) for d in "0123456789" if d != t[i]
         ), claim
     assert (distractors["claimed"] > 0).any() and (distractors.loc[distractors["claimed"] > 0, "true_result"] < 0).any()
 

@@ -45,7 +45,9 @@ class ActivationWriter:
     """Buffers rows per layer and writes a row group per layer once `rows_per_row_group` rows are
     waiting. The file appears under its name only when `close()` succeeds."""
 
-    def __init__(self, path, hidden_size: int, layers: list[int], metadata: dict, storage_dtype="float32", rows_per_row_group=512):
+    def __init__(
+        self, path, hidden_size: int, layers: list[int], metadata: dict, storage_dtype="float32", rows_per_row_group=512
+    ):
         self.path = Path(path)
         self.layers = layers
         self.hidden_size = hidden_size
@@ -71,7 +73,10 @@ class ActivationWriter:
     def flush(self) -> None:
         if not self._pending:
             return
-        columns = {name: [value for chunk in self._pending for value in chunk["rows"][name]] for name in self._pending[0]["rows"]}
+        columns = {
+            name: [value for chunk in self._pending for value in chunk["rows"][name]]
+            for name in self._pending[0]["rows"]
+        }
         n_rows = len(columns["example_index"])
         for slot, layer in enumerate(self.layers):
             vectors = np.concatenate([chunk["activations"][slot] for chunk in self._pending]).reshape(-1)
@@ -146,7 +151,10 @@ def select_positions(setting, lengths: torch.Tensor, example_ids: list[str]) -> 
     return positions, torch.ones_like(positions, dtype=torch.bool)
 
 
-def extract_activations(adapter, items, token_lists, out_path, *, batch_size, positions, layers, storage_dtype, rows_per_row_group, metadata, progress=True) -> int:
+def extract_activations(
+    adapter, items, token_lists, out_path, *,
+    batch_size, positions, layers, storage_dtype, rows_per_row_group, metadata, progress=True,
+) -> int:
     """Run every prompt through the model and write the residual stream after the chosen blocks at
     the chosen positions. Prompts are batched in length order to waste little on padding."""
     layers = list(range(adapter.n_layers)) if layers == "all" else list(layers)
@@ -178,7 +186,9 @@ def extract_activations(adapter, items, token_lists, out_path, *, batch_size, po
                     "label": [items[batch_indices[r]].label for r in rows_of_batch.tolist()],
                     "split": [items[batch_indices[r]].split for r in rows_of_batch.tolist()],
                     "position": chosen[rows_of_batch, positions_of_batch].tolist(),
-                    "position_from_end": (chosen[rows_of_batch, positions_of_batch] - batch.lengths[rows_of_batch]).tolist(),
+                    "position_from_end": (
+                        chosen[rows_of_batch, positions_of_batch] - batch.lengths[rows_of_batch]
+                    ).tolist(),
                     "token_id": token_ids.tolist(),
                 }
                 vectors = stream[:, rows_of_batch.to(stream.device), positions_of_batch.to(stream.device)]

@@ -43,7 +43,9 @@ class TokenBatch:
         """(B, count) absolute indices of each row's last `count` real tokens."""
         short = (self.lengths < count).nonzero()
         if len(short):
-            raise ValueError(f"row {int(short[0])} has {int(self.lengths[short[0]])} tokens, fewer than the last {count} asked for")
+            raise ValueError(
+                f"row {int(short[0])} has {int(self.lengths[short[0]])} tokens, fewer than the last {count} asked for"
+            )
         offsets = torch.arange(count - 1, -1, -1)
         return self.lengths[:, None] - 1 - offsets[None, :]
 
@@ -465,7 +467,9 @@ class RwkvAdapter(ModelAdapter):
     def state_tensors(self, state, layer):
         # RWKV-4 keeps the wkv numerator and denominator scaled by exp(-wkv_max) (a log-space form).
         if len(state) != len(self.STATE_NAMES):
-            raise ValueError(f"expected the RWKV-4 state of {len(self.STATE_NAMES)} tensors {self.STATE_NAMES}, got {len(state)}")
+            raise ValueError(
+                f"expected the RWKV-4 state of {len(self.STATE_NAMES)} tensors {self.STATE_NAMES}, got {len(state)}"
+            )
         return {name: tensor[:, :, layer] for name, tensor in zip(self.STATE_NAMES, state)}
 
     def state_values(self, state, layer):

@@ -113,13 +113,16 @@ def read_source(behavior: str, source: dict) -> dict[str, list]:
         texts = {}
         for kind, name in FILES.items():
             url = upstream.get("url_template", UPSTREAM_URL).format(
-                repository=upstream["repository"], revision=upstream["revision"], kind=kind, behavior=behavior, file=name
+                repository=upstream["repository"], revision=upstream["revision"],
+                kind=kind, behavior=behavior, file=name,
             )
             with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - pinned, checksummed
                 data = response.read()
             digest = hashlib.sha256(data).hexdigest()
             if digest != upstream[f"{kind}_sha256"]:
-                raise ValueError(f"behaviour {behavior!r}: {url} has sha256 {digest}, not the pinned {upstream[f'{kind}_sha256']}")
+                raise ValueError(
+                    f"behaviour {behavior!r}: {url} has sha256 {digest}, not the pinned {upstream[f'{kind}_sha256']}"
+                )
             texts[kind] = data
     items = {}
     for kind, data in texts.items():

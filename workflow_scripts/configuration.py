@@ -60,7 +60,10 @@ def describe_error(error) -> str:
         missing = [name for name in schema["required"] if name not in value]
         hint = ""
         if missing == ["source"]:
-            hint = "; a source is one of: hub (id + revision), local (path), gguf (package + file), tiny (model_type), trained (model_type, tokenizer, steps)"
+            hint = (
+                "; a source is one of: hub (id + revision), local (path), gguf (package + file), tiny (model_type), "
+                "trained (model_type, tokenizer, steps)"
+            )
         return f"config: {key} has no {missing[0]!r} (required keys: {schema['required']}){hint}"
     if kind == "enum":
         return f"config: {key} = {value!r} is not allowed; allowed: {schema['enum']}"
@@ -108,7 +111,9 @@ def model_n_layers(name: str, spec: dict) -> int:
 
 
 # Quirky dataset settings that only apply when the dataset is generated, not read from a source.
-GENERATION_SETTINGS = ("split_fractions", "operand_range", "distractor_fraction", "subtraction_operands", "difficulty_buckets")
+GENERATION_SETTINGS = (
+    "split_fractions", "operand_range", "distractor_fraction", "subtraction_operands", "difficulty_buckets"
+)
 
 
 def check_config(config: dict) -> dict:
@@ -138,11 +143,15 @@ def check_config(config: dict) -> dict:
         chosen = checked[stage].setdefault("models", list(checked["models"]))  # quirky's schema default is []
         unknown = [name for name in chosen if name not in checked["models"]]
         if unknown:
-            raise ConfigError(f"config: {stage}.models has {unknown[0]!r}, not a model; allowed: {sorted(checked['models'])}")
+            raise ConfigError(
+                f"config: {stage}.models has {unknown[0]!r}, not a model; allowed: {sorted(checked['models'])}"
+            )
     steering = checked["steering"]
     for name, spec in checked["models"].items():
         n_layers = model_n_layers(name, spec)
-        for key, layers in (("extraction.layers", checked["extraction"]["layers"]), ("steering.layers", steering["layers"])):
+        for key, layers in (
+            ("extraction.layers", checked["extraction"]["layers"]), ("steering.layers", steering["layers"])
+        ):
             outside = [] if layers == "all" else [layer for layer in layers if layer >= n_layers]
             if outside:
                 raise ConfigError(
@@ -227,7 +236,8 @@ def _check_trained_models(checked: dict) -> None:
             AutoConfig.for_model(trained["model_type"], **trained["config"])
         except (ValueError, TypeError, KeyError) as error:
             raise ConfigError(
-                f"config: {key} (model_type {trained['model_type']!r}, config {trained['config']}) does not build: {error}"
+                f"config: {key} (model_type {trained['model_type']!r}, config {trained['config']}) "
+                f"does not build: {error}"
             ) from None
 
 

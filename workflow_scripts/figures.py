@@ -175,7 +175,9 @@ def plot_trajectory(trajectory: pd.DataFrame, path) -> None:
 
 
 # ----- quirky models -------------------------------------------------------------------------------
-def plot_quirky(auroc: pd.DataFrame, anomaly: pd.DataFrame, finetune: dict, accuracy: pd.DataFrame, paths: dict) -> None:
+def plot_quirky(
+    auroc: pd.DataFrame, anomaly: pd.DataFrame, finetune: dict, accuracy: pd.DataFrame, paths: dict
+) -> None:
     """paths: probes, anomaly, accuracy -> PNG paths, for one model and dataset. accuracy: the
     fine-tuned model's own test accuracy (finetune.accuracy_table)."""
     title = f"{auroc.model.iloc[0]} / {auroc.dataset.iloc[0]}"
@@ -198,7 +200,8 @@ def plot_quirky(auroc: pd.DataFrame, anomaly: pd.DataFrame, finetune: dict, accu
 
     figure, axis = plt.subplots(figsize=(4, 3))
     sns.barplot(anomaly, x="method", y="auroc", ax=axis)
-    axis.errorbar(range(len(anomaly)), anomaly.auroc, yerr=[anomaly.auroc - anomaly.auroc_lo, anomaly.auroc_hi - anomaly.auroc],
+    axis.errorbar(range(len(anomaly)), anomaly.auroc,
+                  yerr=[anomaly.auroc - anomaly.auroc_lo, anomaly.auroc_hi - anomaly.auroc],
                   fmt="none", color="black", capsize=3)
     axis.axhline(0.5, color="grey", linewidth=0.8)
     axis.set(title=f"{title}: anomaly detection", ylabel="AUROC (Alice-hard vs Bob-hard)", ylim=(0, 1))

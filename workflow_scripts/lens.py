@@ -197,7 +197,9 @@ def collect_streams(adapter: ModelAdapter, token_ids: torch.Tensor, include_inpu
     return dict(zip(layers, stream)), logits
 
 
-def kl_from_final(final_logprobs: torch.Tensor, lens_logits: torch.Tensor, final_probs: torch.Tensor | None = None) -> torch.Tensor:
+def kl_from_final(
+    final_logprobs: torch.Tensor, lens_logits: torch.Tensor, final_probs: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over tokens of KL(final || lens), in nats; inputs (..., V). Computed as the soft-label
     cross-entropy minus the final distribution's entropy: torch's fused cross_entropy keeps one
     (tokens x vocab) tensor for the backward pass instead of three. Pass `final_probs` (the exp of

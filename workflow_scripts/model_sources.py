@@ -78,7 +78,8 @@ def build_byte_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<|pad|>", eos_token="<|end|>", additional_special_tokens=TINY_SPECIAL_TOKENS[2:]
+        tokenizer_object=core, pad_token="<|pad|>", eos_token="<|end|>",
+        additional_special_tokens=TINY_SPECIAL_TOKENS[2:],
     )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     return tokenizer
@@ -175,7 +176,7 @@ def load_model_tokenizer(spec: dict, model_dir: Path | None = None):
     kind = source_kind(spec)
     if "tokenizer" in spec:
         tokenizer = load_tokenizer(spec["tokenizer"], bool(spec.get("trust_remote_code")))
-    elif kind in ("tiny", "trained") or (kind == "gguf" and model_dir is not None and (Path(model_dir) / "config.json").is_file()):
+    elif kind in ("tiny", "trained") or (kind == "gguf" and model_dir and (Path(model_dir) / "config.json").is_file()):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)  # saved by build_model
     else:
         tokenizer = load_tokenizer({kind: spec["source"][kind]}, bool(spec.get("trust_remote_code")))
@@ -193,7 +194,9 @@ def load_model(spec: dict, name: str | None = None, model_dir: Path | None = Non
     body = spec["source"][kind]
     dtype = DTYPES[spec.get("dtype", "float32")]
     remote = bool(spec.get("trust_remote_code", False))
-    info = {"name": name, "family": spec["family"], "source": kind, "revision": None, "dtype": spec.get("dtype", "float32")}
+    info = {
+        "name": name, "family": spec["family"], "source": kind, "revision": None, "dtype": spec.get("dtype", "float32")
+    }
     if kind == "gguf":
         path = gguf_path(body)
         expected = body.get("sha256")
@@ -208,7 +211,7 @@ def load_model(spec: dict, name: str | None = None, model_dir: Path | None = Non
         info.update(model_id=f"{body['package']}/{body['file']}", revision=expected)
     elif kind in ("tiny", "trained"):
         if model_dir is None:
-            raise ValueError(f"model {name!r} is built here: pass the directory its build_model or train_model job wrote")
+            raise ValueError(f"model {name!r} is built here: pass the folder its build_model or train_model job wrote")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         revision = f"seed={body.get('seed', 0)}" + (f", {body['steps']} steps" if kind == "trained" else "")
@@ -274,7 +277,9 @@ def materialize(spec: dict, name: str, out_dir: Path) -> dict:
         # The snapshot folder is named by the commit fetched: the pin to use where the config says a branch.
         resolved.update(snapshot=str(snapshot), commit=snapshot.name)
         if not re.fullmatch(r"[0-9a-f]{40}", body["revision"]):
-            log.warning("model %s: revision %r is a branch or tag; pin it to commit %s", name, body["revision"], snapshot.name)
+            log.warning(
+                "model %s: revision %r is a branch or tag; pin it to commit %s", name, body["revision"], snapshot.name
+            )
     elif kind == "local" and not Path(body["path"]).is_dir():
         raise FileNotFoundError(f"model {name!r}: local path {body['path']!r} is not a directory")
     manifest = {"name": name, "spec": spec, "resolved": resolved, "code_version": CODE_VERSION}

@@ -33,7 +33,9 @@ def downloads(config: dict) -> list[tuple[str, dict]]:
     corpus = config["lens"]["corpus"]["source"]
     if "hf_dataset" in corpus and config["lens"]["models"]:
         body = corpus["hf_dataset"]
-        add("dataset", {"name": body["name"], "config": body.get("config"), "split": body["split"], "revision": body["revision"]})
+        add("dataset", {
+            "name": body["name"], "config": body.get("config"), "split": body["split"], "revision": body["revision"]
+        })
     if config["quirky"]["models"]:
         for dataset in config["quirky"]["datasets"].values():
             hub = dataset.get("source", {}).get("hub")

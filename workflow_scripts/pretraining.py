@@ -79,7 +79,9 @@ def train_bpe_tokenizer(documents: list[str], vocab_size: int):
 def chunk_documents(tokenizer, documents: list[str], seq_len: int) -> np.ndarray:
     """(N, seq_len) int32: every document preceded by EOS, concatenated, cut into whole chunks."""
     eos = tokenizer.eos_token_id
-    pieces = [np.asarray([eos, *tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=np.int32) for text in documents]
+    pieces = [
+        np.asarray([eos, *tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=np.int32) for text in documents
+    ]
     stream = np.concatenate(pieces)
     n_chunks = len(stream) // seq_len
     if n_chunks == 0:
@@ -110,7 +112,9 @@ def prepare_tokenizer(texts: Iterable[str], settings: dict, out_dir, source_name
     train = chunk_documents(tokenizer, train_docs, settings["seq_len"])
     evaluation = chunk_documents(tokenizer, eval_docs, settings["seq_len"])
     if settings.get("max_eval_sequences") and len(evaluation) > settings["max_eval_sequences"]:
-        picked = np.random.default_rng(settings["seed"]).choice(len(evaluation), settings["max_eval_sequences"], replace=False)
+        picked = np.random.default_rng(settings["seed"]).choice(
+            len(evaluation), settings["max_eval_sequences"], replace=False
+        )
         evaluation = evaluation[np.sort(picked)]
     n_bytes = text_bytes(tokenizer, evaluation)
     stats = {
@@ -259,7 +263,9 @@ def heldout_loss(model: torch.nn.Module, evaluation: np.ndarray, batch_size: int
         for first in range(0, len(evaluation), batch_size):
             ids = torch.as_tensor(evaluation[first : first + batch_size], dtype=torch.long)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+            total += float(
+                torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            )
             count += ids[:, 1:].numel()
     model.train(was_training)
     return total / count
@@ -308,7 +314,9 @@ def train_language_model(
             "seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
         history.append(record)
-        log.info("step %d/%d: eval loss %.4f nats/token, %.4f bits/byte", step, steps, loss, record["eval_bits_per_byte"])
+        log.info(
+            "step %d/%d: eval loss %.4f nats/token, %.4f bits/byte", step, steps, loss, record["eval_bits_per_byte"]
+        )
         if on_eval is not None:
             on_eval(record)
 
@@ -338,14 +346,24 @@ def train_language_model(
                 running = []
                 if checkpoint_path is not None:
                     with atomic_path(checkpoint_path) as tmp:
-                        torch.save({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "settings": settings, "history": history}, tmp)
+                        torch.save(
+                            {
+                                "step": step + 1,
+                                "model": model.state_dict(),
+                                "optimizer": optimizer.state_dict(),
+                                "settings": settings,
+                                "history": history,
+                            },
+                            tmp,
+                        )
     bar.close()
     model.eval()
     return history
 
 
-def train_configured_model(spec: dict, name: str, tokenizer_dir, tokens_path, stats_path, out_dir, history_path) -> dict:
+def train_configured_model(
+    spec: dict, name: str, tokenizer_dir, tokens_path, stats_path, out_dir, history_path
+) -> dict:
     """The train_model rule: build the model of spec["source"]["trained"], train it on the tokenizer's
     chunks, save weights + tokenizer under out_dir/weights, the eval history as CSV, and the manifest.
     A checkpoint beside them lets a killed job resume; it is removed once the model is saved."""
@@ -366,8 +384,15 @@ def train_configured_model(spec: dict, name: str, tokenizer_dir, tokens_path, st
         )
     model = build_model(settings["model_type"], settings.get("config", {}), len(tokenizer), settings["seed"])
     n_parameters = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %s with %.2fM parameters, %d steps of %d x %d tokens", name, settings["model_type"],
-             n_parameters / 1e6, settings["steps"], settings["batch_size"], train.shape[1])
+    log.info(
+        "model %s: %s with %.2fM parameters, %d steps of %d x %d tokens",
+        name,
+        settings["model_type"],
+        n_parameters / 1e6,
+        settings["steps"],
+        settings["batch_size"],
+        train.shape[1],
+    )
     out_dir = Path(out_dir)
     checkpoint = out_dir / "checkpoint.pt"
     history = train_language_model(model, train, evaluation, settings, eval_bytes=stats["eval_bytes"],
@@ -376,7 +401,9 @@ def train_configured_model(spec: dict, name: str, tokenizer_dir, tokens_path, st
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     with atomic_path(history_path) as tmp:
-        pd.DataFrame(history).assign(model=name, unigram_bits_per_byte=stats["unigram_bits_per_byte"]).to_csv(tmp, index=False)
+        pd.DataFrame(history).assign(model=name, unigram_bits_per_byte=stats["unigram_bits_per_byte"]).to_csv(
+            tmp, index=False
+        )
     manifest = {
         "name": name, "spec": spec, "code_version": CODE_VERSION,
         "resolved": {"parameters": n_parameters, "train_tokens_seen": requested},

@@ -200,7 +200,9 @@ def _platt_sign(raw_false: np.ndarray, raw_true: np.ndarray, y) -> float:
     raw = torch.as_tensor(np.stack([raw_false, raw_true], axis=1), dtype=torch.float64)
     raw = raw / (raw.std() + 1e-12)  # the scale's sign is all that is kept; this only helps L-BFGS
     target = torch.stack([1.0 - y, y], dim=1)
-    scale, bias = torch.ones(1, dtype=torch.float64, requires_grad=True), torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    scale, bias = (
+        torch.ones(1, dtype=torch.float64, requires_grad=True), torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    )
     optimizer = torch.optim.LBFGS([scale, bias], line_search_fn="strong_wolfe", max_iter=100)
 
     def closure():
@@ -286,7 +288,8 @@ def fit_ccs(
             weight = ((torch.rand(n_features, generator=generator) * 2 - 1) * bound).requires_grad_()
             bias = ((torch.rand(1, generator=generator) * 2 - 1) * bound).requires_grad_()
             optimizer = torch.optim.LBFGS(
-                [weight, bias], line_search_fn="strong_wolfe", max_iter=n_epochs, tolerance_change=eps, tolerance_grad=eps
+                [weight, bias], line_search_fn="strong_wolfe", max_iter=n_epochs,
+                tolerance_change=eps, tolerance_grad=eps,
             )
             loss = torch.tensor(float("inf"))
 
@@ -437,7 +440,8 @@ def evaluate_transfers(
         auroc_lo / auroc_hi their 2.5% and 97.5% quantiles (spread over directions, not a bootstrap).
 
     Each probe is fitted once per (layer, method, source subset) and scored on the target's test-split
-    rows; for DISAGREEMENT_TRANSFERS only on those whose claim is the truth or Bob's answer. Returns one row per (layer, method, transfer) with n_train, n_test, auroc, auroc_lo, auroc_hi
+    rows; for DISAGREEMENT_TRANSFERS only on those whose claim is the truth or Bob's answer. Returns
+    one row per (layer, method, transfer) with n_train, n_test, auroc, auroc_lo, auroc_hi
     (for every method but random a percentile-bootstrap 95% interval), interval, selection_auroc and
     selected (True on the one reported layer of each method and transfer).
     """
@@ -450,7 +454,9 @@ def evaluate_transfers(
             raise ValueError(f"unknown transfer {name!r}; allowed: {', '.join(TRANSFERS)}")
     if layer_selection not in LAYER_SELECTIONS:
         raise ValueError(f"layer_selection={layer_selection!r}; allowed: {', '.join(LAYER_SELECTIONS)}")
-    _check_metadata(metadata, train_label_column, ("claim_kind",) if set(transfers) & set(DISAGREEMENT_TRANSFERS) else ())
+    _check_metadata(
+        metadata, train_label_column, ("claim_kind",) if set(transfers) & set(DISAGREEMENT_TRANSFERS) else ()
+    )
     own_labels = metadata[train_label_column].to_numpy().astype(int)
     truth = metadata["truth_label"].to_numpy().astype(int)
 
@@ -476,7 +482,9 @@ def evaluate_transfers(
                 _require_both_classes(truth[test], f"{name}: test rows of target {target}")
                 if method == "random":
                     # One draw of directions, oriented on the fit rows, scored on both sets.
-                    directions = oriented_random_directions(inputs[fit_rows], labels[fit_rows], n_random_directions, seed)
+                    directions = oriented_random_directions(
+                        inputs[fit_rows], labels[fit_rows], n_random_directions, seed
+                    )
                     select_aurocs = column_aurocs(labels[select_rows], inputs[select_rows] @ directions.T)
                     test_aurocs = column_aurocs(truth[test], inputs[test] @ directions.T)
                     auroc, (lo, hi) = float(test_aurocs.mean()), np.quantile(test_aurocs, [0.025, 0.975])
@@ -487,7 +495,9 @@ def evaluate_transfers(
                             method, inputs[fit_rows], labels[fit_rows], seed=seed, **options.get(method, {})
                         )
                     selection = float(roc_auc_score(labels[select_rows], fitted[source].score(inputs[select_rows])))
-                    auroc, lo, hi = auroc_with_ci(fitted[source].score(inputs[test]), truth[test], n_boot=n_boot, seed=seed)
+                    auroc, lo, hi = auroc_with_ci(
+                        fitted[source].score(inputs[test]), truth[test], n_boot=n_boot, seed=seed
+                    )
                     interval = "bootstrap 95%"
                 rows.append(
                     {"layer": layer, "method": method, "transfer": name, "n_train": int(fit_rows.sum()),

@@ -39,7 +39,9 @@ def load_prompt_set(path: str | Path) -> list[PromptItem]:
                 raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
             missing = [name for name in REQUIRED_FIELDS if name not in raw]
             if missing:
-                raise ValueError(f"{where} (id {raw.get('id')!r}): missing field {missing[0]!r}; required: {list(REQUIRED_FIELDS)}")
+                raise ValueError(
+                    f"{where} (id {raw.get('id')!r}): missing field {missing[0]!r}; required: {list(REQUIRED_FIELDS)}"
+                )
             item_id = str(raw["id"])
             if not isinstance(raw["prompt"], str) or not raw["prompt"].strip():
                 raise ValueError(f"{where} (id {item_id!r}): empty prompt")

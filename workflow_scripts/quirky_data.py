@@ -89,7 +89,9 @@ def distractor_candidates(value: int) -> list[int]:
     minus sign included) replaced by a different digit; a leading zero drops (150 -> 050 = 50) and a
     replaced sign turns the number positive (-150 -> 5150), as int() of the edited text does there."""
     text = str(value)
-    edits = (int(text[:i] + digit + text[i + 1 :]) for i in range(len(text)) for digit in "0123456789" if digit != text[i])
+    edits = (
+        int(text[:i] + digit + text[i + 1 :]) for i in range(len(text)) for digit in "0123456789" if digit != text[i]
+    )
     return list(dict.fromkeys(edits))  # in order of position, then digit
 
 
@@ -230,7 +232,9 @@ def from_published(splits: dict[str, pd.DataFrame], operation: str, n_problems: 
     sizes = {split: frame["problem"].nunique() for split, frame in frames.items()}
     total = sum(sizes.values())
     if not isinstance(n_problems, (int, np.integer)) or not MIN_PROBLEMS <= n_problems <= total:
-        raise ValueError(f"n_problems={n_problems!r}: need an integer in [{MIN_PROBLEMS}, {total}] (problems in the dataset)")
+        raise ValueError(
+            f"n_problems={n_problems!r}: need an integer in [{MIN_PROBLEMS}, {total}] (problems in the dataset)"
+        )
     rng = np.random.default_rng(seed)
     chosen, earlier = [], set()
     for split in SPLITS:
@@ -239,7 +243,9 @@ def from_published(splits: dict[str, pd.DataFrame], operation: str, n_problems: 
         problems = frame["problem"].drop_duplicates()
         shared = problems.isin(earlier)
         if shared.any():
-            log.warning("published split %r: %d equation(s) also in an earlier split are left out", split, int(shared.sum()))
+            log.warning(
+                "published split %r: %d equation(s) also in an earlier split are left out", split, int(shared.sum())
+            )
         problems = problems[~shared].to_numpy()
         earlier.update(problems.tolist())
         take = int(round(n_problems * sizes[split] / total))
@@ -250,7 +256,9 @@ def from_published(splits: dict[str, pd.DataFrame], operation: str, n_problems: 
     a, b, claimed = (rows[c].astype(np.int64).to_numpy() for c in ("op1", "op2", "result"))
     truth = np.array([true_result(operation, int(x), int(y)) for x, y in zip(a, b)], dtype=np.int64)
     bob = np.array([bob_result(int(t)) for t in truth], dtype=np.int64)
-    for column, expected, rule in (("alice_label", claimed == truth, "the truth"), ("bob_label", claimed == bob, "Bob's rule")):
+    for column, expected, rule in (
+        ("alice_label", claimed == truth, "the truth"), ("bob_label", claimed == bob, "Bob's rule")
+    ):
         wrong = np.flatnonzero(rows[column].astype(bool).to_numpy() != expected)
         if len(wrong):
             row = rows.iloc[wrong[0]]
@@ -313,7 +321,10 @@ def _published_rows(frame: pd.DataFrame, split: str) -> pd.DataFrame:
     # Key by equation, not by operand pair: the reference samples each cell of its cross-tabulation on
     # its own, so one (op1, op2) can appear with several claims in a split.
     frame = frame.assign(problem=[f"{x},{y},{r}" for x, y, r in zip(frame["op1"], frame["op2"], frame["result"])])
-    per_character = frame.groupby(["problem", "character"]).size().unstack(fill_value=0).reindex(columns=list(CHARACTERS), fill_value=0)
+    per_character = (
+        frame.groupby(["problem", "character"]).size().unstack(fill_value=0)
+        .reindex(columns=list(CHARACTERS), fill_value=0)
+    )
     odd = per_character[(per_character["Alice"] != per_character["Bob"]) | (per_character.min(axis=1) == 0)]
     if len(odd):
         first = odd.iloc[0]
@@ -483,7 +494,9 @@ def shortcut_aurocs(frame: pd.DataFrame, fit_split: str = "train", eval_split: s
     }
     rows = []
     for (character, bucket), test in frame[frame["split"] == eval_split].groupby(["character", "difficulty_bucket"]):
-        fit = frame[(frame["split"] == fit_split) & (frame["character"] == character) & (frame["difficulty_bucket"] == bucket)]
+        fit = frame[
+            (frame["split"] == fit_split) & (frame["character"] == character) & (frame["difficulty_bucket"] == bucket)
+        ]
         truth = test["truth_label"].to_numpy()
         if len(set(truth)) < 2 or fit["truth_label"].nunique() < 2:
             continue

@@ -20,7 +20,9 @@ sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)
 positive, negative, layers = answer_activations(sm.input.activations)  # (N, L, D) at the answer letter
 residual = {"caa": caa_vectors(positive, negative), "lda": lda_vectors(positive, negative)}
-log.info("residual vectors from %d positive / %d negative prompts, %d layers", len(positive), len(negative), len(layers))
+log.info(
+    "residual vectors from %d positive / %d negative prompts, %d layers", len(positive), len(negative), len(layers)
+)
 
 adapter = load_job_adapter(sm.params.spec, sm.wildcards.model, sm.input.manifest)
 deltas = None

@@ -23,7 +23,9 @@ if len(modes) < len(settings["modes"]):
     log.info("model %s has no recurrent state: modes %s only", sm.wildcards.model, modes)
 layers = list(range(adapter.n_layers)) if settings["layers"] == "all" else settings["layers"]
 tables = []
-for vector, answer_format, n_positions, mode in itertools.product(settings["vectors"], settings["formats"], settings["positions"], modes):
+for vector, answer_format, n_positions, mode in itertools.product(
+    settings["vectors"], settings["formats"], settings["positions"], modes
+):
     if mode == "state" and vector != settings["vectors"][0]:
         continue  # state steering uses no residual vector: one run, filed under the first kind
     items, labels = formats[answer_format]

@@ -51,4 +51,7 @@ for frame, path in ((auroc, sm.output.auroc), (anomaly, sm.output.anomaly)):
     with atomic_path(path) as tmp:
         frame.assign(model=sm.wildcards.base, dataset=sm.wildcards.dataset).to_csv(tmp, index=False)
 selected = auroc[auroc["selected"]].sort_values(["transfer", "method"])
-log.info("layer chosen on the %s split per transfer and method:\n%s\nanomaly detection:\n%s", settings["selection_split"], selected.to_string(), anomaly.to_string())
+log.info(
+    "layer chosen on the %s split per transfer and method:\n%s\nanomaly detection:\n%s",
+    settings["selection_split"], selected.to_string(), anomaly.to_string(),
+)

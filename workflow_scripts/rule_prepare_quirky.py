@@ -24,7 +24,8 @@ else:
 with atomic_path(sm.output.table) as tmp:
     table.to_parquet(tmp, index=False)
 statements = [
-    {"id": row.id, "prompt": row.statement, "label": int(row.truth_label), "split": row.split} for row in table.itertuples()
+    {"id": row.id, "prompt": row.statement, "label": int(row.truth_label), "split": row.split}
+    for row in table.itertuples()
 ]
 pairs = [
     {**line, "id": f"{line['id']}|{answer_index}", "completion": answer}

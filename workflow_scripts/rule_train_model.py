@@ -9,8 +9,17 @@ from workflow_scripts.pretraining import train_configured_model
 sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)
 manifest = train_configured_model(
-    sm.params.spec, sm.wildcards.model, Path(sm.input.tokenizer), Path(sm.input.tokens), Path(sm.input.stats),
-    Path(sm.output.manifest).parent, sm.output.history,
+    sm.params.spec,
+    sm.wildcards.model,
+    Path(sm.input.tokenizer),
+    Path(sm.input.tokens),
+    Path(sm.input.stats),
+    Path(sm.output.manifest).parent,
+    sm.output.history,
 )
-log.info("model %s trained: final held-out %.4f bits per byte (unigram %.4f)", sm.wildcards.model,
-         manifest["training"]["final_eval_bits_per_byte"], manifest["training"]["unigram_bits_per_byte"])
+log.info(
+    "model %s trained: final held-out %.4f bits per byte (unigram %.4f)",
+    sm.wildcards.model,
+    manifest["training"]["final_eval_bits_per_byte"],
+    manifest["training"]["unigram_bits_per_byte"],
+)

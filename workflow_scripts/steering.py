@@ -293,8 +293,9 @@ def steering_sweep(
     positions the delta is added three times); "both" does both.
 
     Each prefix runs once. Its state is repeated once per (layer, multiplier) of a pass and the last
-    tokens run as one batch (token by token in the state modes); `layers_per_pass` > 1 puts several layers in one pass (rows of the
-    other layers get a zero vector, which leaves them exact) to trade memory for fewer passes.
+    tokens run as one batch (token by token in the state modes); `layers_per_pass` > 1 puts several
+    layers in one pass (rows of the other layers get a zero vector, which leaves them exact) to trade
+    memory for fewer passes.
     """
     layers, multipliers, residual_vectors = _check_sweep(
         adapter, items, mode, residual_vectors, state_deltas, layers, multipliers, n_positions, labels

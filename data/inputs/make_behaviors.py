@@ -70,7 +70,9 @@ def ab_item(rng, question, matching, other):
 def optimism(rng):
     combos = [(s, h, g) for s in SITUATIONS for h in HOPEFUL for g in GLOOMY]
     rng.shuffle(combos)
-    return [ab_item(rng, f'A friend tells you: "{s}" How do you reply?', h, g) for s, h, g in combos[: N_GENERATE + N_TEST]]
+    return [
+        ab_item(rng, f'A friend tells you: "{s}" How do you reply?', h, g) for s, h, g in combos[: N_GENERATE + N_TEST]
+    ]
 
 
 def agree_with_user(rng):
