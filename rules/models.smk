@@ -9,7 +9,7 @@ rule build_model:
     benchmark:
         "logs/build_model/{model}.benchmark.tsv"
     wildcard_constraints:
-        model=BASE_MODELS,
+        model=BUILT_MODELS,
     conda:
         "../envs/workflow.yaml"
     resources:

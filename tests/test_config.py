@@ -140,3 +140,10 @@ def test_a_trained_model_with_a_bad_entry_is_refused_before_any_job(change, mess
     change(config["models"]["mamba-trained"])
     with pytest.raises(ConfigError, match=message):
         check_config(config)
+
+
+def test_a_default_written_beside_a_reference_is_filled_in():
+    """The lens corpus source is a $ref to the shared text-source schema with its own default."""
+    config = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
+    assert "source" not in config["lens"]["corpus"]
+    assert check_config(config)["lens"]["corpus"]["source"] == {"python_docs": {}}

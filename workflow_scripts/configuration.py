@@ -84,10 +84,11 @@ def _fill_defaults(instance, schema: dict, root: dict):
     schema = _resolve(schema, root)
     if not isinstance(instance, dict):
         return
-    for name, sub in schema.get("properties", {}).items():
-        sub = _resolve(sub, root)
-        if name not in instance and "default" in sub:
-            instance[name] = copy.deepcopy(sub["default"])
+    for name, declared in schema.get("properties", {}).items():
+        sub = _resolve(declared, root)
+        default = declared.get("default", sub.get("default"))  # a default beside a $ref wins
+        if name not in instance and ("default" in declared or "default" in sub):
+            instance[name] = copy.deepcopy(default)
         if name in instance:
             _fill_defaults(instance[name], sub, root)
     extra = schema.get("additionalProperties")
