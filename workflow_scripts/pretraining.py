@@ -338,7 +338,7 @@ def train_language_model(
             optimizer.step()
             running.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{running[-1]:.3f}")
+            bar.set_postfix(loss=f"{running[-1]:.3f}", refresh=False)  # the bar redraws every mininterval
             if (step + 1) % settings["eval_every"] == 0 or step + 1 == steps:
                 model.eval()
                 evaluate(step + 1, float(np.mean(running)))
