@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_extraction.py", "bench_steering.py", "bench_lens.py"]
+SCRIPTS = ["bench_extraction.py", "bench_steering.py", "bench_lens.py", "bench_training.py"]
 
 merged = {}
 for script in SCRIPTS:
