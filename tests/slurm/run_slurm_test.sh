@@ -363,7 +363,8 @@ LOCAL_RULES=$(awk '/^localrules:/ {on = 1; next} on && /^[^ ]/ {on = 0} on {gsub
     "$REPO/Snakefile" | sort -u)
 EXPECTED=$(echo "$DRY" | awk -v local_rules="$LOCAL_RULES" '
     BEGIN {split(local_rules, names, "\n"); for (i in names) is_local[names[i]] = 1}
-    $2 ~ /^[0-9]+$/ && $1 != "total" && !($1 in is_local) {n += $2} END {print n + 0}')
+    $1 == "total" {exit}  # the job table is printed twice: count the first
+    $2 ~ /^[0-9]+$/ && !($1 in is_local) {n += $2} END {print n + 0}')
 RULES=$(echo "$DRY" | awk '$2 ~ /^[0-9]+$/ && $1 != "total" {print $1}' | sort -u | grep -vxF "$LOCAL_RULES")
 [[ $EXPECTED =~ ^[0-9]+$ && $EXPECTED -gt 0 && -n $RULES ]] || { echo "$DRY"; die "could not count the jobs of the dry run"; }
 log "targets: ${TARGETS[*]} ($EXPECTED SLURM jobs; local rules: $(echo $LOCAL_RULES))"
