@@ -8,18 +8,19 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
-from tests.conftest import TINY_MODELS
-from workflow_scripts import finetune, quirky_data
+from tests.conftest import REPO, TINY_MODELS
+from workflow_scripts import finetune, quirky_answers, quirky_data
 from workflow_scripts.adapters import load_adapter
-from workflow_scripts.finetune import (
+from workflow_scripts.configuration import ConfigError, check_config
+from workflow_scripts.finetune import FinetuneSettings, balanced_sample, finetune_quirky
+from workflow_scripts.quirky_answers import (
     accuracy_table,
     answer_loss,
     answer_probabilities,
     answer_tokens,
-    balanced_sample,
     encode_prompts,
-    finetune_quirky,
 )
 from workflow_scripts.quirky_data import generate_quirky
 
@@ -27,7 +28,12 @@ FAMILIES = {spec["family"]: name for name, spec in TINY_MODELS.items()}
 # Tiny runs: byte-level tokenizers (" True" is 5 tokens), so the shared leading space joins the prompt.
 # peft refuses LoRA on the Mamba mixer's out_proj (its fused kernel reads the weight directly).
 MAMBA_LORA = ["in_proj", "x_proj", "dt_proj"]
-FAST = dict(effective_batch=16, micro_batch=8, max_steps=12, eval_every=4, allow_shared_prefix=True, progress=False)
+FAST = dict(effective_batch=16, micro_batch=8, max_steps=12, eval_every=4, allow_shared_prefix=True)
+
+
+def run(adapter, quirky, out_dir, **settings):
+    """finetune_quirky with the FAST settings, changed by `settings`, and no progress bar."""
+    return finetune_quirky(adapter, *quirky, out_dir, FinetuneSettings(**{**FAST, **settings}), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -174,27 +180,43 @@ def test_balanced_accuracy_does_not_reward_always_false():
 @pytest.mark.parametrize(
     "setting, value",
     [
-        ("effective_batch", 30),  # not a multiple of micro_batch=8
         ("method", "qlora"),
         ("lr", 0.0),
         ("warmup_fraction", 1.5),
+        ("warmup_fraction", 1.0),  # warm-up over every step would leave no decay
         ("lora_rank", 0),
         ("lora_modules", "mlp"),
         ("max_steps", 0),
-        ("betas", (0.9, 1.2)),
+        ("betas", [0.9, 1.2]),
+        ("effective_batch", 0),
     ],
 )
-def test_bad_setting_raises_naming_it(tiny_adapters, quirky, tmp_path, setting, value):
-    adapter = tiny_adapters[FAMILIES["transformer"]]
-    kwargs = dict(FAST, **{setting: value})
-    with pytest.raises(ValueError, match=setting):
-        finetune_quirky(adapter, *quirky, tmp_path / "out", **kwargs)
-    assert not (tmp_path / "out").exists()
+def test_the_config_schema_refuses_a_bad_setting_naming_it(setting, value):
+    """Each setting's own range is the config schema's to check, before any job runs."""
+    config = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
+    config["quirky"]["finetune"][setting] = value
+    with pytest.raises(ConfigError, match=rf"quirky\.finetune\.{setting}"):
+        check_config(config)
 
 
-def test_epochs_and_max_steps_together_are_refused(tiny_adapters, quirky, tmp_path):
-    with pytest.raises(ValueError, match="max_steps"):
-        finetune_quirky(tiny_adapters[FAMILIES["transformer"]], *quirky, tmp_path / "out", **FAST, epochs=1)
+def test_the_schema_defaults_are_the_settings_defaults():
+    """Every key the schema allows under quirky.finetune is a FinetuneSettings field (the rule passes
+    them all), with the same default."""
+    config = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
+    config["quirky"]["finetune"] = {}
+    defaults = check_config(config)["quirky"]["finetune"]
+    assert FinetuneSettings(**defaults) == FinetuneSettings()
+    for key, value in defaults.items():
+        assert getattr(FinetuneSettings(), key) == (tuple(value) if isinstance(value, list) else value), key
+
+
+def test_settings_across_fields_are_refused_naming_them():
+    with pytest.raises(ValueError, match="effective_batch=30: must be a multiple of micro_batch=8"):
+        FinetuneSettings(**dict(FAST, effective_batch=30))
+    with pytest.raises(ValueError, match=r"max_steps=12: give epochs or max_steps, not both \(epochs=1\)"):
+        FinetuneSettings(**FAST, epochs=1)
+    with pytest.raises(TypeError, match="FinetuneSettings"):
+        finetune_quirky(None, None, None, "out", dict(FAST))
 
 
 # ----- training ----------------------------------------------------------------------------------
@@ -207,7 +229,7 @@ def full_runs(tiny_adapters, quirky, tmp_path_factory):
     for name, adapter in tiny_adapters.items():
         before = params(adapter.model)
         out_dir = tmp_path_factory.mktemp("full") / name
-        summary = finetune_quirky(adapter, *quirky, out_dir, method="full", lr=3e-3, **FAST)
+        summary = run(adapter, quirky, out_dir, method="full", lr=3e-3)
         runs[name] = (summary, out_dir, before)
     return runs
 
@@ -254,9 +276,9 @@ def lora_runs(tiny_adapters, quirky, tmp_path_factory):
         out_dir = tmp_path_factory.mktemp("lora") / name
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(finetune, "_evaluate", spy)
-            summary = finetune_quirky(
-                tiny_adapters[name], *quirky, out_dir, method="lora", lr=1e-2, lora_rank=4,
-                lora_target_modules=MAMBA_LORA if family == "mamba" else None, **FAST,
+            summary = run(
+                tiny_adapters[name], quirky, out_dir, method="lora", lr=1e-2, lora_rank=4,
+                lora_target_modules=MAMBA_LORA if family == "mamba" else None,
             )  # fmt: skip
         runs[name] = (summary, out_dir, seen)
     return runs
@@ -301,8 +323,7 @@ def test_best_checkpoint_by_validation_loss_is_saved(tiny_adapters, quirky, tmp_
         return {"val_loss": next(scripted), "val_acc": 0.5, "alice_acc": 0.5, "bob_acc": 0.5}
 
     monkeypatch.setattr(finetune, "_evaluate", fake_evaluate)
-    settings = dict(FAST, max_steps=8, eval_every=2)
-    summary = finetune_quirky(adapter, *quirky, tmp_path / "out", method="full", lr=1e-2, **settings)
+    summary = run(adapter, quirky, tmp_path / "out", method="full", lr=1e-2, max_steps=8, eval_every=2)
     assert [entry["step"] for entry in summary["history"]] == [0, 2, 4, 6, 8]
     assert summary["best_step"] == 4 and summary["best_val_loss"] == 1.0
     assert json.loads((tmp_path / "out" / "finetune.json").read_text())["best_step"] == 4
@@ -329,8 +350,41 @@ def test_finetuning_prompts_are_the_extracted_prompts_with_special_tokens(tiny_a
         single="<|system|> $A", special_tokens=[("<|system|>", bos)]
     )
     statements = quirky[0]["statement"].tolist()[:4]
-    answer = finetune.answer_tokens(adapter, quirky_data.ANSWERS, allow_shared_prefix=True)
-    tuned = finetune.encode_prompts(adapter, statements, answer)
+    answer = quirky_answers.answer_tokens(adapter, quirky_data.ANSWERS, allow_shared_prefix=True)
+    tuned = quirky_answers.encode_prompts(adapter, statements, answer)
     items = [PromptItem(index=i, id=str(i), prompt=text, completion="") for i, text in enumerate(statements)]
     assert tuned == [ids + list(answer.prefix_ids) for ids in tokenize_prompts(adapter, items, "plain")]
     assert all(ids[0] == bos and ids[1] != bos for ids in tuned)
+
+
+def test_with_model_wraps_another_model_as_it_is(tiny_adapter):
+    """The adapter over a training copy: same family and tokenizer, blocks of the copy, nothing frozen;
+    the adapter itself is unchanged."""
+    copy_model, _ = tiny_adapter.training_copy()
+    copy_model.requires_grad_(True).train()
+    view = tiny_adapter.with_model(copy_model)
+    assert type(view) is type(tiny_adapter) and view.tokenizer is tiny_adapter.tokenizer
+    assert view.model is copy_model and view.info == tiny_adapter.info
+    assert {id(b) for b in view.blocks} <= {id(m) for m in copy_model.modules()}
+    assert copy_model.training and all(p.requires_grad for p in copy_model.parameters())
+    assert tiny_adapter.model is not copy_model and not any(p.requires_grad for p in tiny_adapter.model.parameters())
+    renamed = tiny_adapter.with_model(copy_model, info={"name": "other"})
+    assert renamed.info == {"name": "other"} and tiny_adapter.info["name"] != "other"
+
+
+def test_only_dequantized_gguf_marks_are_dropped():
+    from types import SimpleNamespace
+
+    from workflow_scripts.model_sources import drop_dequantized_gguf_marks
+
+    model = torch.nn.Linear(2, 2)
+    drop_dequantized_gguf_marks(model)  # unmarked: nothing to do
+    removed = []
+    model.hf_quantizer = SimpleNamespace(
+        quantization_config=SimpleNamespace(quant_method="gguf"), remove_quantization_config=removed.append
+    )
+    drop_dequantized_gguf_marks(model)
+    assert removed == [model]
+    model.hf_quantizer.quantization_config.quant_method = "bitsandbytes"
+    with pytest.raises(ValueError, match="'bitsandbytes'"):
+        drop_dequantized_gguf_marks(model)

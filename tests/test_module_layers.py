@@ -1,5 +1,5 @@
-"""The code's rooms: data flows rule script -> stage -> data formats / adapters -> model sources, and
-no stage imports another stage, so a stage can change without touching the others."""
+"""The code's rooms: data flows rule script -> stage -> shared pieces (data formats, scoring) -> adapters
+-> model sources, and no stage imports another stage, so a stage can change without touching the others."""
 
 import ast
 from pathlib import Path
@@ -12,16 +12,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "workflow_scripts"
 LAYERS = {
     "infrastructure": {"__init__", "atomic", "jobs", "configuration", "prefetch"},
     "adapters": {"adapters", "model_sources", "family_traits"},
-    "data": {"activations", "behavior_data", "quirky_data", "prompts", "corpus"},
+    # data formats and the pieces stages share
+    "shared": {"activations", "behavior_data", "quirky_data", "quirky_answers", "prompts", "corpus"},
     "stages": {"steering", "lens", "finetune", "probes", "figures", "pretraining"},
 }
 # What each layer may import from the package: no stage imports a stage, no rule script a rule script.
 ALLOWED = {
     "infrastructure": {"infrastructure", "adapters"},
     "adapters": {"infrastructure", "adapters"},
-    "data": {"infrastructure", "data"},
-    "stages": {"infrastructure", "adapters", "data"},
-    "rule scripts": {"infrastructure", "adapters", "data", "stages"},
+    "shared": {"infrastructure", "adapters", "shared"},
+    "stages": {"infrastructure", "adapters", "shared"},
+    "rule scripts": {"infrastructure", "adapters", "shared", "stages"},
 }
 
 

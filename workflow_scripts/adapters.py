@@ -77,6 +77,17 @@ class ModelAdapter:
         self._offset = 0  # set while a sequence is run one token at a time
         self.blocks = self._find_blocks()
 
+    def with_model(self, model: nn.Module, info: dict | None = None) -> ModelAdapter:
+        """An adapter of the same family and tokenizer over another model of the same architecture (e.g.
+        a copy being trained, or the trained result), with `info` in place of this adapter's if given.
+        The model is taken as it is: unlike the constructor, this neither freezes it nor sets eval mode."""
+        other = copy.copy(self)
+        other.model = model
+        other.info = self.info if info is None else info
+        other._row, other._offset = None, 0
+        other.blocks = other._find_blocks()
+        return other
+
     # ----- structure -------------------------------------------------------------------------
     def _find_blocks(self) -> nn.ModuleList:
         """The ModuleList of blocks: the one whose length is the configured number of layers."""

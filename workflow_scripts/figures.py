@@ -179,7 +179,7 @@ def plot_quirky(
     auroc: pd.DataFrame, anomaly: pd.DataFrame, finetune: dict, accuracy: pd.DataFrame, paths: dict
 ) -> None:
     """paths: probes, anomaly, accuracy -> PNG paths, for one model and dataset. accuracy: the
-    fine-tuned model's own test accuracy (finetune.accuracy_table)."""
+    fine-tuned model's own test accuracy (quirky_answers.accuracy_table)."""
     title = f"{auroc.model.iloc[0]} / {auroc.dataset.iloc[0]}"
     methods = list(dict.fromkeys(auroc.method))
     colors = dict(zip(methods, sns.color_palette(n_colors=len(methods))))

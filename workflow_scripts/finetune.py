@@ -12,213 +12,113 @@ changed), AdamW, linear warm-up then linear decay, gradient accumulation. The ch
 lowest validation loss (the untrained model, step 0, included) is kept, merged (LoRA) and saved with
 the tokenizer as a plain transformers model, so it loads back through a "local" model source like any
 other model.
+
+The answer tokens, prompts and scoring are quirky_answers', shared with the rule that scores the
+fine-tuned model.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from workflow_scripts import CODE_VERSION
-from workflow_scripts.adapters import ADAPTERS, LORA_SCOPES, ModelAdapter, TokenBatch
+from workflow_scripts.adapters import ModelAdapter
 from workflow_scripts.atomic import atomic_dir
-from workflow_scripts.model_sources import LoadedModel
-from workflow_scripts.quirky_data import ANSWERS, CHARACTERS, DIFFICULTY_BUCKETS
+from workflow_scripts.model_sources import drop_dequantized_gguf_marks
+from workflow_scripts.quirky_answers import (
+    AnswerTokens,
+    answer_loss,
+    answer_tokens,
+    check_in_context,
+    encode_prompts,
+    score_prompts,
+)
+from workflow_scripts.quirky_data import ANSWERS, CHARACTERS
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "full")
 REQUIRED_COLUMNS = ("statement", "character", "label")
 SUMMARY_FILE = "finetune.json"
 
 
-# ----- answer tokens and prompts -------------------------------------------------------------------
+# ----- settings ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class AnswerTokens:
-    """The next-token ids scored at the answer position, and tokens appended to every prompt.
+class FinetuneSettings:
+    """How finetune_quirky trains. The config schema (quirky.finetune in config.schema.yaml) checks
+    each configurable value before any job runs; only the checks across fields are made here.
 
-    prefix_ids is empty when both answers are single tokens (the normal case). With
-    allow_shared_prefix it holds the tokens the two answers share at their start (e.g. the space of
-    " True"/" False" under a byte-level tokenizer); the answer position is then the first token where
-    they differ.
+    method: "lora" (peft LoRA on lora_target_modules, default adapter.lora_target_modules(lora_modules))
+        or "full" (every parameter; for tiny models).
+    lora_modules: which of each block's linear layers LoRA adapts when lora_target_modules is not
+        given: "attention" (the attention / time-mixing projections) or "all" (MLPs too); see
+        ModelAdapter.lora_target_modules.
+    Steps: max_steps optimizer steps, or epochs passes over the balanced training rows (default 1
+        epoch); each step takes effective_batch rows in micro_batch chunks (gradient accumulation).
+    Learning rate: AdamW(lr, betas, weight_decay; no decay on 1-d parameters: biases and norms),
+        linear warm-up over warmup_fraction of the steps, then linear decay. max_grad_norm clips the
+        gradient norm when given (off by default).
+    Validation every eval_every steps (default: about 10 times per run), at step 0 (the untrained
+        model) and at the last step, in batches of eval_batch_size (default micro_batch).
+    max_train_examples / max_val_examples cap the balanced rows (see balanced_sample).
+    answers / allow_shared_prefix: see quirky_answers.answer_tokens.
+    Sequences (betas, answers, lora_target_modules) are kept as tuples.
     """
 
-    false_id: int
-    true_id: int
-    prefix_ids: tuple[int, ...] = ()
+    method: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] | None = None
+    lora_modules: str = "attention"
+    lr: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.15
+    effective_batch: int = 32
+    micro_batch: int = 8
+    epochs: float | None = None
+    max_steps: int | None = None
+    eval_every: int | None = None
+    eval_batch_size: int | None = None
+    max_grad_norm: float | None = None
+    seed: int = 0
+    max_train_examples: int | None = None
+    max_val_examples: int | None = None
+    answers: tuple[str, str] = ANSWERS
+    allow_shared_prefix: bool = False
 
-    def targets(self, labels) -> torch.Tensor:
-        labels = np.asarray(labels)
-        return torch.tensor(np.where(labels == 1, self.true_id, self.false_id), dtype=torch.long)
+    def __post_init__(self):
+        for name in ("betas", "answers", "lora_target_modules"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        if self.effective_batch % self.micro_batch:
+            raise ValueError(
+                f"effective_batch={self.effective_batch!r}: must be a multiple of micro_batch={self.micro_batch}"
+            )
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError(
+                f"max_steps={self.max_steps!r}: give epochs or max_steps, not both (epochs={self.epochs!r})"
+            )
 
-    def as_dict(self) -> dict:
-        return {"false_id": self.false_id, "true_id": self.true_id, "prefix_ids": list(self.prefix_ids)}
-
-
-def answer_tokens(
-    adapter: ModelAdapter, answers: tuple[str, str] = ANSWERS, allow_shared_prefix: bool = False
-) -> AnswerTokens:
-    """Token ids of the answers (label 0, label 1), e.g. (" False", " True").
-
-    Raises ValueError when an answer is not a single token, unless allow_shared_prefix: then the
-    answers' shared leading tokens go into the prompt and their first differing tokens are the targets.
-    """
-    false_text, true_text = answers
-    ids = {text: adapter.encode(text) for text in answers}
-    name = adapter.info.get("name")
-    if all(len(tokens) == 1 for tokens in ids.values()):
-        if ids[false_text] == ids[true_text]:
-            raise ValueError(f"answers {answers!r} are the same token {ids[true_text]} for model {name!r}")
-        return AnswerTokens(false_id=ids[false_text][0], true_id=ids[true_text][0])
-    if not allow_shared_prefix:
-        detail = ", ".join(f"{text!r} -> {tokens}" for text, tokens in ids.items())
-        raise ValueError(
-            f"the answers must each be a single token for model {name!r}'s tokenizer, but {detail}; "
-            "pass answers= with single-token answers, or allow_shared_prefix=True to append the answers' "
-            "shared leading tokens to the prompt and train on the first token where they differ"
-        )
-    shared = 0
-    false_ids, true_ids = ids[false_text], ids[true_text]
-    while shared < min(len(false_ids), len(true_ids)) and false_ids[shared] == true_ids[shared]:
-        shared += 1
-    if shared >= min(len(false_ids), len(true_ids)):
-        raise ValueError(f"answers {answers!r}: one answer's tokens {false_ids} / {true_ids} start the other's")
-    return AnswerTokens(false_id=false_ids[shared], true_id=true_ids[shared], prefix_ids=tuple(false_ids[:shared]))
-
-
-def encode_prompts(adapter: ModelAdapter, statements, answer: AnswerTokens) -> list[list[int]]:
-    """Token ids of each plain-LM prompt (the statement as it is, after the tokenizer's leading special
-    tokens, as extraction reads it), then the answer prefix if any."""
-    prefix = list(answer.prefix_ids)
-    return [adapter.encode_prompt(adapter.build_prompt(str(text), "", chat=False)) + prefix for text in statements]
-
-
-def _check_in_context(adapter: ModelAdapter, statements, prompts, answer: AnswerTokens, answers) -> None:
-    """Warn when the tokenizer, given statement + answer as one text, splits it differently from the
-    prompt tokens followed by the answer token (then the trained target is not the text's own token)."""
-    bad = 0
-    sample = list(statements[:32])
-    for text, tokens in zip(sample, prompts):
-        for label, answer_text in enumerate(answers):
-            joined = adapter.encode_prompt(adapter.build_prompt(str(text), answer_text, chat=False))
-            target = answer.true_id if label == 1 else answer.false_id
-            if joined[: len(tokens) + 1] != tokens + [target]:
-                bad += 1
-    if bad:
-        log.warning(
-            "%d of %d statement+answer texts tokenize differently from prompt tokens + answer token "
-            "(e.g. %r); the trained answer token is not how the tokenizer splits the joined text",
-            bad, 2 * len(sample), sample[0],
-        )  # fmt: skip
-
-
-# ----- scoring ---------------------------------------------------------------------------------------
-
-
-def answer_logits(adapter: ModelAdapter, batch: TokenBatch) -> torch.Tensor:
-    """(B, V) float32 next-token logits at each row's last real token (right-padded batch)."""
-    return adapter.last_token_logits(batch).float()
-
-
-def answer_loss(adapter: ModelAdapter, batch: TokenBatch, target_ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the answer token only: the logits at each row's last prompt token against
-    that row's target id; no other position contributes."""
-    logits = answer_logits(adapter, batch)
-    return F.cross_entropy(logits, target_ids.to(logits.device))
-
-
-@torch.no_grad()
-def _score(adapter: ModelAdapter, prompts, answer: AnswerTokens, batch_size: int, targets=None):
-    """p(True) per prompt (the two answer tokens' logits, softmaxed between them) and, with targets,
-    the mean answer-token loss."""
-    p_true, loss_sum = [], 0.0
-    for start in range(0, len(prompts), batch_size):
-        batch = adapter.batch(prompts[start : start + batch_size])
-        logits = answer_logits(adapter, batch)
-        p_true.append(torch.sigmoid(logits[:, answer.true_id] - logits[:, answer.false_id]).cpu())
-        if targets is not None:
-            chunk = targets[start : start + batch_size].to(logits.device)
-            loss_sum += float(F.cross_entropy(logits, chunk, reduction="sum"))
-    p = torch.cat(p_true).numpy().astype(np.float64) if p_true else np.zeros(0)
-    return p, (loss_sum / len(prompts) if targets is not None and len(prompts) else None)
-
-
-def answer_probabilities(
-    adapter: ModelAdapter,
-    df: pd.DataFrame,
-    batch_size: int = 32,
-    *,
-    answers: tuple[str, str] = ANSWERS,
-    allow_shared_prefix: bool = False,
-) -> np.ndarray:
-    """p(" True") per row of df (its `statement`), normalised over the two answers:
-    sigmoid(logit(True) - logit(False)) at the answer position. The model's own answers, e.g. to
-    measure how well a fine-tuned model follows Alice's and Bob's labels."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
-    answer = answer_tokens(adapter, answers, allow_shared_prefix)
-    prompts = encode_prompts(adapter, df["statement"].tolist(), answer)
-    p, _ = _score(adapter, prompts, answer, batch_size)
-    return p
-
-
-def accuracy_table(
-    df: pd.DataFrame, p_true, threshold: float = 0.5, z: float = 1.96, n_boot: int = 200, seed: int = 0
-) -> pd.DataFrame:
-    """The model's answers scored per character and difficulty ("all", then each `difficulty_bucket`
-    in df), against the character's own label (did it follow Alice's truth / Bob's error?):
-    `accuracy` of p_true > threshold with a Wilson score interval at z; `balanced_accuracy` (the mean of
-    the recall of each label: with a quarter of the claims true, always saying False scores 0.75
-    accuracy but 0.5 balanced); `auroc` of p_true with a percentile-bootstrap 95% interval over
-    n_boot resamples; and `truth_accuracy` / `truth_auroc` against the truth."""
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-
-    p_true = np.asarray(p_true, dtype=float)
-    if len(p_true) != len(df):
-        raise ValueError(f"p_true has {len(p_true)} values for {len(df)} rows")
-    said = p_true > threshold
-    own, truth = df["label"].to_numpy() == 1, df["truth_label"].to_numpy() == 1
-    characters = [c for c in CHARACTERS if c in set(df["character"])]
-    buckets = [b for b in DIFFICULTY_BUCKETS if b in set(df["difficulty_bucket"])]
-    rng = np.random.default_rng(seed)
-
-    def auroc(labels, scores) -> float:
-        return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
-
-    rows = []
-    for character in characters:
-        for difficulty in ["all", *buckets]:
-            keep = (df["character"] == character).to_numpy()
-            if difficulty != "all":
-                keep = keep & (df["difficulty_bucket"] == difficulty).to_numpy()
-            n, k = int(keep.sum()), int((said[keep] == own[keep]).sum())
-            if n == 0:
-                continue
-            centre = (k + z * z / 2) / (n + z * z)
-            half = z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
-            labels, scores = own[keep], p_true[keep]
-            boots = [auroc(labels[i], scores[i]) for i in rng.integers(0, n, size=(n_boot, n))]
-            lo, hi = np.nanquantile(boots, [0.025, 0.975]) if n_boot and not np.isnan(boots).all() else (np.nan, np.nan)
-            rows.append({"character": character, "difficulty": difficulty, "n": n, "n_true": int(labels.sum()),
-                         "accuracy": k / n, "accuracy_lo": centre - half, "accuracy_hi": centre + half,
-                         "balanced_accuracy": float(balanced_accuracy_score(labels, said[keep])),
-                         "auroc": auroc(labels, scores), "auroc_lo": float(lo), "auroc_hi": float(hi),
-                         "truth_accuracy": float((said[keep] == truth[keep]).mean()),
-                         "truth_auroc": auroc(truth[keep], scores)})  # fmt: skip
-    return pd.DataFrame(rows)
+    def as_summary(self) -> dict:
+        """The settings as finetune.json records them (before the values the run derives): every field
+        but lora_target_modules (recorded as resolved, for LoRA only), answers as a list."""
+        summary = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lora_target_modules"}
+        summary["answers"] = list(self.answers)
+        return summary
 
 
 # ----- data ----------------------------------------------------------------------------------------
@@ -258,47 +158,19 @@ def balanced_sample(
 # ----- the model being trained ---------------------------------------------------------------------
 
 
-def _trainer_view(adapter: ModelAdapter, model: torch.nn.Module) -> ModelAdapter:
-    """The adapter's family behaviour (forward, batch) over another model, without the freezing that
-    the adapter's constructor applies."""
-    view = copy.copy(adapter)
-    view.model = model
-    view.blocks = view._find_blocks()
-    return view
-
-
-def _drop_dequantized_gguf_marks(model: torch.nn.Module) -> None:
-    """A model loaded from a GGUF file holds plain float weights (dequantized at load) but stays marked
-    as quantized, which save_pretrained refuses; clear the marks so it saves and reloads as a plain
-    model. Other quantization methods are refused: their weights are not plain tensors."""
-    from transformers import PreTrainedModel
-
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
-        return
-    method = getattr(quantizer.quantization_config, "quant_method", None)
-    method = getattr(method, "value", method)
-    if method != "gguf" or not all(p.is_floating_point() for p in model.parameters()):
-        raise ValueError(f"cannot fine-tune and save a model quantized with {method!r}; load it unquantized")
-    quantizer.remove_quantization_config(model)
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel) and getattr(module.config, "_is_quantized", False):
-            module.config._is_quantized = False
-
-
-def _prepare_model(adapter, method, lora_rank, lora_alpha, lora_dropout, target_modules, seed):
+def _prepare_model(adapter: ModelAdapter, s: FinetuneSettings, target_modules):
     """A trainable copy of the adapter's model. Returns (model to run, peft model or None, the
     adapter's token for finish_training)."""
     model, restore = adapter.training_copy()
-    _drop_dequantized_gguf_marks(model)
-    if method == "full":
+    drop_dequantized_gguf_marks(model)
+    if s.method == "full":
         model.requires_grad_(True)
         return model, None, restore
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)
+    torch.manual_seed(s.seed)
     config = LoraConfig(
-        r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules, bias="none"
+        r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=target_modules, bias="none"
     )
     peft_model = get_peft_model(model, config)  # injects the LoRA layers into `model` in place
     return model, peft_model, restore
@@ -316,7 +188,7 @@ def _restore(params: dict[str, torch.nn.Parameter], snapshot: dict[str, torch.Te
 
 def _evaluate(view: ModelAdapter, prompts, targets, labels, characters, answer: AnswerTokens, batch_size: int) -> dict:
     """Validation loss (answer token) and accuracy against each row's own label, overall and per character."""
-    p_true, loss = _score(view, prompts, answer, batch_size, targets)
+    p_true, loss = score_prompts(view, prompts, answer, batch_size, targets)
     correct = (p_true > 0.5) == (labels == 1)
     result = {"val_loss": float(loss), "val_acc": float(correct.mean())}
     for character in CHARACTERS:
@@ -337,48 +209,6 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
     return factor
 
 
-# ----- settings ------------------------------------------------------------------------------------
-
-
-def _check_settings(s: dict) -> None:
-    def fail(setting, why):
-        raise ValueError(f"{setting}={s[setting]!r}: {why}")
-
-    if s["method"] not in METHODS:
-        fail("method", f"unknown method; allowed: {', '.join(METHODS)}")
-    for name in ("effective_batch", "micro_batch", "lora_rank"):
-        if not isinstance(s[name], (int, np.integer)) or s[name] < 1:
-            fail(name, "must be a positive integer")
-    if s["lora_modules"] not in LORA_SCOPES:
-        fail("lora_modules", f"unknown scope; allowed: {', '.join(LORA_SCOPES)}")
-    if s["effective_batch"] % s["micro_batch"]:
-        fail("effective_batch", f"must be a multiple of micro_batch={s['micro_batch']}")
-    if not s["lr"] > 0:
-        fail("lr", "must be > 0")
-    if not 0.0 <= s["warmup_fraction"] < 1.0:
-        fail("warmup_fraction", "must lie in [0, 1)")
-    if not s["weight_decay"] >= 0:
-        fail("weight_decay", "must be >= 0")
-    if not 0.0 <= s["lora_dropout"] < 1.0:
-        fail("lora_dropout", "must lie in [0, 1)")
-    if not s["lora_alpha"] > 0:
-        fail("lora_alpha", "must be > 0")
-    betas = s["betas"]
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        fail("betas", "need two values in [0, 1)")
-    if s["epochs"] is not None and s["max_steps"] is not None:
-        fail("max_steps", f"give epochs or max_steps, not both (epochs={s['epochs']!r})")
-    if s["epochs"] is not None and not s["epochs"] > 0:
-        fail("epochs", "must be > 0")
-    if s["max_steps"] is not None and (not isinstance(s["max_steps"], (int, np.integer)) or s["max_steps"] < 1):
-        fail("max_steps", "must be a positive integer")
-    for name in ("eval_every", "eval_batch_size", "max_train_examples", "max_val_examples"):
-        if s[name] is not None and (not isinstance(s[name], (int, np.integer)) or s[name] < 1):
-            fail(name, "must be a positive integer or None")
-    if s["max_grad_norm"] is not None and not s["max_grad_norm"] > 0:
-        fail("max_grad_norm", "must be > 0 or None")
-
-
 # ----- fine-tuning ---------------------------------------------------------------------------------
 
 
@@ -387,127 +217,86 @@ def finetune_quirky(
     train_df: pd.DataFrame,
     val_df: pd.DataFrame,
     out_dir,
+    settings: FinetuneSettings,
     *,
-    method: str = "lora",
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    lora_target_modules: list[str] | None = None,
-    lora_modules: str = "attention",
-    lr: float = 2e-5,
-    betas: tuple[float, float] = (0.9, 0.95),
-    weight_decay: float = 0.1,
-    warmup_fraction: float = 0.15,
-    effective_batch: int = 32,
-    micro_batch: int = 8,
-    epochs: float | None = None,
-    max_steps: int | None = None,
-    eval_every: int | None = None,
-    eval_batch_size: int | None = None,
-    max_grad_norm: float | None = None,
-    seed: int = 0,
-    max_train_examples: int | None = None,
-    max_val_examples: int | None = None,
-    answers: tuple[str, str] = ANSWERS,
-    allow_shared_prefix: bool = False,
     progress: bool = True,
 ) -> dict:
     """Fine-tune a copy of adapter's model on the quirky rows of train_df and save the checkpoint with
     the lowest validation loss to out_dir (merged weights + tokenizer + finetune.json), atomically.
 
     train_df / val_df: rows with statement, character, label (e.g. from quirky_data.generate_quirky);
-        each is balanced by (character, label) and optionally capped (max_train_examples /
+        each is balanced by (character, label) and optionally capped (settings.max_train_examples /
         max_val_examples) with balanced_sample.
-    method: "lora" (peft LoRA on lora_target_modules, default adapter.lora_target_modules()) or
-        "full" (every parameter; for tiny models).
-    lora_modules: which of each block's linear layers LoRA adapts when lora_target_modules is not
-        given: "attention" (the attention / time-mixing projections) or "all" (MLPs too); see
-        ModelAdapter.lora_target_modules.
-    Steps: max_steps optimizer steps, or epochs passes over the balanced training rows (default 1
-        epoch); each step takes effective_batch rows in micro_batch chunks (gradient accumulation).
-    Learning rate: AdamW(lr, betas, weight_decay; no decay on 1-d parameters: biases and norms),
-        linear warm-up over warmup_fraction of the steps, then linear decay. max_grad_norm clips the
-        gradient norm when given (off by default).
-    Validation every eval_every steps (default: about 10 times per run), at step 0 (the untrained
-        model) and at the last step: answer loss and accuracy against each row's own label for Alice
-        and Bob.
-    answers / allow_shared_prefix: see answer_tokens.
+    settings: how to train (see FinetuneSettings). Validation reports the answer loss and the accuracy
+        against each row's own label for Alice and Bob.
 
     Returns the summary written to out_dir/finetune.json (settings, history, best_step, ...) plus
     "adapter": the fine-tuned model in memory, merged, frozen, wrapped in its family's adapter.
     """
-    settings = dict(
-        method=method, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_modules=lora_modules, lr=lr,
-        betas=tuple(betas), weight_decay=weight_decay, warmup_fraction=warmup_fraction,
-        effective_batch=effective_batch, micro_batch=micro_batch, epochs=epochs, max_steps=max_steps,
-        eval_every=eval_every, eval_batch_size=eval_batch_size, max_grad_norm=max_grad_norm, seed=seed,
-        max_train_examples=max_train_examples, max_val_examples=max_val_examples,
-        answers=list(answers), allow_shared_prefix=allow_shared_prefix,
-    )  # fmt: skip
-    _check_settings(settings)
+    if not isinstance(settings, FinetuneSettings):
+        raise TypeError(f"settings must be a FinetuneSettings, not {type(settings).__name__}")
+    s = settings
+    summary_settings = s.as_summary()
     started = time.perf_counter()
     name = adapter.info.get("name")
     out_dir = Path(out_dir)
 
     # Data: balanced, tokenized once.
-    answer = answer_tokens(adapter, answers, allow_shared_prefix)
-    train = balanced_sample(train_df, max_train_examples, seed, what="train_df")
-    val = balanced_sample(val_df, max_val_examples, seed + 1, what="val_df")
+    answer = answer_tokens(adapter, s.answers, s.allow_shared_prefix)
+    train = balanced_sample(train_df, s.max_train_examples, s.seed, what="train_df")
+    val = balanced_sample(val_df, s.max_val_examples, s.seed + 1, what="val_df")
     train_prompts = encode_prompts(adapter, train["statement"].tolist(), answer)
     val_prompts = encode_prompts(adapter, val["statement"].tolist(), answer)
-    _check_in_context(adapter, train["statement"].tolist(), train_prompts, answer, answers)
+    check_in_context(adapter, train["statement"].tolist(), train_prompts, answer, s.answers)
     train_targets = answer.targets(train["label"])
     val_targets = answer.targets(val["label"])
     val_labels = val["label"].to_numpy().astype(int)
     val_characters = val["character"].to_numpy()
 
-    accumulation = effective_batch // micro_batch
-    if max_steps is not None:
-        total_steps = max_steps
+    accumulation = s.effective_batch // s.micro_batch
+    if s.max_steps is not None:
+        total_steps = s.max_steps
     else:
-        total_steps = max(1, math.ceil((epochs or 1.0) * len(train) / effective_batch))
-    every = eval_every if eval_every is not None else max(1, round(total_steps / 10))
-    warmup_steps = round(warmup_fraction * total_steps)
-    eval_bs = eval_batch_size or micro_batch
-    settings.update(
-        epochs=epochs if max_steps is not None or epochs is not None else 1.0, total_steps=total_steps,
+        total_steps = max(1, math.ceil((s.epochs or 1.0) * len(train) / s.effective_batch))
+    every = s.eval_every if s.eval_every is not None else max(1, round(total_steps / 10))
+    warmup_steps = round(s.warmup_fraction * total_steps)
+    eval_bs = s.eval_batch_size or s.micro_batch
+    summary_settings.update(
+        epochs=s.epochs if s.max_steps is not None or s.epochs is not None else 1.0, total_steps=total_steps,
         eval_every=every, eval_batch_size=eval_bs, warmup_steps=warmup_steps, accumulation_steps=accumulation,
     )  # fmt: skip
 
     # Model: a trainable copy.
     targets_modules = None
-    if method == "lora":
+    if s.method == "lora":
         targets_modules = (
-            list(lora_target_modules)
-            if lora_target_modules is not None
-            else adapter.lora_target_modules(lora_modules)
+            list(s.lora_target_modules)
+            if s.lora_target_modules is not None
+            else adapter.lora_target_modules(s.lora_modules)
         )
-        settings["lora_target_modules"] = targets_modules
-    model, peft_model, restore = _prepare_model(
-        adapter, method, lora_rank, lora_alpha, lora_dropout, targets_modules, seed
-    )
-    view = _trainer_view(adapter, model)
+        summary_settings["lora_target_modules"] = targets_modules
+    model, peft_model, restore = _prepare_model(adapter, s, targets_modules)
+    view = adapter.with_model(model)  # the family's forward and batching over the copy, left trainable
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in trainable.values())
     n_total = sum(p.numel() for p in model.parameters())
     decay = [p for p in trainable.values() if p.dim() >= 2]
     no_decay = [p for p in trainable.values() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=tuple(betas),
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr, betas=s.betas,
     )  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps))
     log.info(
         "fine-tuning %s (%s): %d train / %d val rows, %d steps of %d (%d x %d), %d of %d parameters trainable",
-        name, method, len(train), len(val), total_steps, effective_batch, accumulation, micro_batch,
+        name, s.method, len(train), len(val), total_steps, s.effective_batch, accumulation, s.micro_batch,
         n_trainable, n_total,
     )  # fmt: skip
 
     def evaluate(step: int, train_loss) -> dict:
-        adapter.set_train_mode(model, False, lora=method == "lora")
+        adapter.set_train_mode(model, False, lora=s.method == "lora")
         metrics = _evaluate(view, val_prompts, val_targets, val_labels, val_characters, answer, eval_bs)
-        adapter.set_train_mode(model, True, lora=method == "lora")
+        adapter.set_train_mode(model, True, lora=s.method == "lora")
         entry = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0], **metrics}
         log.info(
             "step %d/%d: train loss %s, val loss %.4f, Alice acc %s, Bob acc %s",
@@ -516,8 +305,8 @@ def finetune_quirky(
         )  # fmt: skip
         return entry
 
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)  # dropout
+    rng = np.random.default_rng(s.seed)
+    torch.manual_seed(s.seed)  # dropout
 
     def order():
         while True:
@@ -529,22 +318,22 @@ def finetune_quirky(
     train_losses: list[float] = []
     unused_lora: list[str] = []
     since_eval: list[float] = []
-    adapter.set_train_mode(model, True, lora=method == "lora")
+    adapter.set_train_mode(model, True, lora=s.method == "lora")
     bar = tqdm(total=total_steps, desc=f"finetune {name}", unit="step", disable=not progress)
     try:
         for step in range(1, total_steps + 1):
             optimizer.zero_grad(set_to_none=True)
-            rows = np.array([next(stream) for _ in range(effective_batch)])
+            rows = np.array([next(stream) for _ in range(s.effective_batch)])
             step_loss = 0.0
             for chunk in np.split(rows, accumulation):
                 batch = view.batch([train_prompts[i] for i in chunk])
                 loss = answer_loss(view, batch, train_targets[chunk])
                 (loss * (len(chunk) / len(rows))).backward()
                 step_loss += loss.item() * len(chunk) / len(rows)
-            if step == 1 and method == "lora":
+            if step == 1 and s.method == "lora":
                 unused_lora = _unreached_lora_modules(model)
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_grad_norm)
+            if s.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(trainable.values()), s.max_grad_norm)
             optimizer.step()
             scheduler.step()
             train_losses.append(step_loss)
@@ -572,7 +361,7 @@ def finetune_quirky(
         "model": dict(adapter.info),
         "family": adapter.family,
         "n_layers": adapter.n_layers,
-        "settings": settings,
+        "settings": summary_settings,
         "answer_tokens": answer.as_dict(),
         "n_train": len(train),
         "n_val": len(val),
@@ -598,7 +387,7 @@ def finetune_quirky(
         out_dir, seconds,
     )  # fmt: skip
     info = dict(adapter.info, source="finetuned", model_id=str(out_dir), revision=None)
-    tuned = ADAPTERS[adapter.family](LoadedModel(model=merged, tokenizer=adapter.tokenizer, info=info))
+    tuned = adapter.with_model(merged, info=info)
     return {**summary, "adapter": tuned}
 
 
@@ -631,4 +420,3 @@ def _json_default(value):
     if isinstance(value, (np.ndarray, tuple)):
         return list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-

@@ -146,6 +146,26 @@ def dequantized_gguf(path: Path, dtype):
     return model, tokenizer
 
 
+def drop_dequantized_gguf_marks(model: torch.nn.Module) -> None:
+    """A model loaded from a GGUF file holds plain float weights (dequantized at load) but may stay marked
+    as quantized, which save_pretrained refuses; clear the marks so it saves and reloads as a plain
+    model (e.g. a fine-tuned copy). Does nothing to an unmarked model. Other quantization methods are
+    refused: their weights are not plain tensors."""
+    from transformers import PreTrainedModel
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(quantizer.quantization_config, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method != "gguf" or not all(p.is_floating_point() for p in model.parameters()):
+        raise ValueError(f"cannot fine-tune and save a model quantized with {method!r}; load it unquantized")
+    quantizer.remove_quantization_config(model)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and getattr(module.config, "_is_quantized", False):
+            module.config._is_quantized = False
+
+
 def _hub_dir(source: dict) -> Path:
     from huggingface_hub import snapshot_download
 

@@ -7,7 +7,7 @@ import pandas as pd
 
 from workflow_scripts.adapters import load_job_adapter
 from workflow_scripts.atomic import atomic_path
-from workflow_scripts.finetune import accuracy_table, answer_probabilities
+from workflow_scripts.quirky_answers import accuracy_table, answer_probabilities
 from workflow_scripts.jobs import start_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
