@@ -199,3 +199,16 @@ def extract_activations(
     writer.close()
     log.info("wrote %d rows (%d prompts x %d layers) to %s", writer.rows_written, len(items), len(layers), out_path)
     return writer.rows_written
+
+
+def read_all_layers(path, expected_ids) -> tuple[np.ndarray, list[int]]:
+    """(rows, L, D) for every layer of an activation file with one position per prompt, in prompt
+    order, and its block indices. The rows must be one per expected id, in that order."""
+    layers = read_metadata(path)["layers"]
+    rows, first = read_layer(path, layers[0])
+    if rows["example_id"].tolist() != list(expected_ids):
+        raise ValueError(
+            f"{path}: its rows do not match the expected prompts ({len(rows)} rows for {len(expected_ids)} "
+            "expected, one per prompt at its last token); extract with extraction.positions: last"
+        )
+    return np.stack([first] + [read_layer(path, layer)[1] for layer in layers[1:]], axis=1), layers

@@ -513,3 +513,31 @@ def shortcut_aurocs(frame: pd.DataFrame, fit_split: str = "train", eval_split: s
                  "auroc": float(roc_auc_score(truth, score)), "n_rows": len(test)}
             )  # fmt: skip
     return pd.DataFrame(rows, columns=["character", "difficulty_bucket", "feature", "auroc", "n_rows"])
+
+
+def make_table(settings: dict, seed: int) -> pd.DataFrame:
+    """A configured quirky dataset: read from its published `source`, or generated."""
+    settings = dict(settings)
+    if "source" in settings:
+        splits = load_published(settings["source"])
+        return from_published(splits, settings["operation"], settings["n_problems"], seed=seed)
+    return generate_quirky(
+        settings.pop("operation"), settings.pop("n_problems"), seed=seed,
+        split_fractions=tuple(settings.pop("split_fractions")),
+        operand_range=tuple(settings.pop("operand_range")) if "operand_range" in settings else None, **settings,
+    )  # fmt: skip
+
+
+def prompt_sets(table: pd.DataFrame) -> tuple[list[dict], list[dict]]:
+    """The two prompt sets of a table: its statements, and each statement followed by each answer
+    (ids "<id>|<answer index>")."""
+    statements = [
+        {"id": row.id, "prompt": row.statement, "label": int(row.truth_label), "split": row.split}
+        for row in table.itertuples()
+    ]
+    pairs = [
+        {**line, "id": f"{line['id']}|{answer_index}", "completion": answer}
+        for line in statements
+        for answer_index, answer in enumerate(ANSWERS)
+    ]
+    return statements, pairs

@@ -4,7 +4,7 @@ layer, method and transfer; and anomaly detection of Bob's contexts."""
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.activations import read_layer, read_metadata
+from workflow_scripts.activations import read_all_layers
 from workflow_scripts.atomic import atomic_path
 from workflow_scripts.jobs import start_job
 from workflow_scripts.probes import anomaly_detection_auroc, evaluate_transfers
@@ -15,21 +15,8 @@ settings = sm.params.probes
 table = pd.read_parquet(sm.input.table)
 
 
-def stacked(path, expected_ids):
-    """(rows, L, D) in prompt order for every layer of an activation file, and its block indices;
-    the rows must be one per expected id, in that order (one position per prompt)."""
-    layers = read_metadata(path)["layers"]
-    rows, first = read_layer(path, layers[0])
-    if rows["example_id"].tolist() != list(expected_ids):
-        raise ValueError(
-            f"{path}: its rows do not match the quirky table ({len(rows)} rows for {len(expected_ids)} expected, "
-            "one per statement at its last token); extract the quirky prompt sets with extraction.positions: last"
-        )
-    return np.stack([first] + [read_layer(path, layer)[1] for layer in layers[1:]], axis=1), layers
-
-
-statements, layers = stacked(sm.input.statements, table["id"])
-pairs, _ = stacked(sm.input.pairs, [f"{row_id}|{answer}" for row_id in table["id"] for answer in (0, 1)])
+statements, layers = read_all_layers(sm.input.statements, table["id"])
+pairs, _ = read_all_layers(sm.input.pairs, [f"{row_id}|{answer}" for row_id in table["id"] for answer in (0, 1)])
 pairs = pairs.reshape(len(table), 2, len(layers), -1).transpose(0, 2, 1, 3)  # (N, L, 2, D): " False", " True"
 options = {"ccs": settings["ccs"], "logreg": settings["logreg"]}
 train_label_column = {"truth": "truth_label", "character": "label"}[settings["train_labels"]]

@@ -5,32 +5,14 @@ import json
 
 from workflow_scripts.atomic import atomic_path, atomic_write_text
 from workflow_scripts.jobs import start_job
-from workflow_scripts.quirky_data import (
-    ANSWERS, MAX_SHORTCUT_AUROC, from_published, generate_quirky, load_published, shortcut_aurocs,
-)
+from workflow_scripts.quirky_data import MAX_SHORTCUT_AUROC, make_table, prompt_sets, shortcut_aurocs
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)
-settings = dict(sm.params.settings)
-if "source" in settings:  # a published dataset
-    splits = load_published(settings["source"])
-    table = from_published(splits, settings["operation"], settings["n_problems"], seed=sm.params.seed)
-else:
-    table = generate_quirky(
-        settings.pop("operation"), settings.pop("n_problems"), seed=sm.params.seed,
-        split_fractions=tuple(settings.pop("split_fractions")),
-        operand_range=tuple(settings.pop("operand_range")) if "operand_range" in settings else None, **settings,
-    )
+table = make_table(sm.params.settings, sm.params.seed)
 with atomic_path(sm.output.table) as tmp:
     table.to_parquet(tmp, index=False)
-statements = [
-    {"id": row.id, "prompt": row.statement, "label": int(row.truth_label), "split": row.split}
-    for row in table.itertuples()
-]
-pairs = [
-    {**line, "id": f"{line['id']}|{answer_index}", "completion": answer}
-    for line in statements for answer_index, answer in enumerate(ANSWERS)
-]
+statements, pairs = prompt_sets(table)
 atomic_write_text(sm.output.statements, "".join(json.dumps(line) + "\n" for line in statements))
 atomic_write_text(sm.output.pairs, "".join(json.dumps(line) + "\n" for line in pairs))
 # Can the claim alone (size, digits, last digit) tell the truth on a test subset? Then probes can cheat.

@@ -17,6 +17,7 @@ in one batched pass over the last token(s); bench/reference.py recomputes it one
 from __future__ import annotations
 
 import contextlib
+import logging
 import json
 from typing import Sequence
 
@@ -27,8 +28,9 @@ from tqdm import tqdm
 
 from workflow_scripts.activations import read_layer, read_metadata
 from workflow_scripts.adapters import ModelAdapter
-from workflow_scripts.behavior_data import AB_LABELS, answer_label, validate_items
+from workflow_scripts.behavior_data import AB_LABELS, NUMBERED_LABELS, answer_label, to_numbered_format, validate_items
 
+log = logging.getLogger(__name__)
 # Multipliers of the paper's evaluation.
 MULTIPLIERS = (-3.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 3.0)
 MODES = ("residual", "state", "both")
@@ -345,6 +347,41 @@ def steering_sweep(
                     behavior, mode, n_positions, item_id, layer_of_row, multipliers * len(group), p_matching, nonsense
                 )
     return pd.DataFrame.from_records(records)
+
+
+def sweep_variants(
+    adapter: ModelAdapter,
+    test_items: Sequence[dict],
+    residual: dict[str, torch.Tensor],
+    state_deltas: StateDeltas | None,
+    settings: dict,
+    behavior: str,
+) -> pd.DataFrame:
+    """steering_sweep for every configured variant: vector kind x answer format x steered positions x
+    mode (state and both only where the model has a state; state once, as it uses no residual vector,
+    filed under the first vector kind). `settings`: the config's steering section for this model.
+    Rows carry the model's name, the vector kind and the answer format."""
+    import itertools
+
+    formats = {"ab": (test_items, AB_LABELS), "numbered": (to_numbered_format(test_items), NUMBERED_LABELS)}
+    modes = [mode for mode in settings["modes"] if mode == "residual" or adapter.has_recurrent_state]
+    if len(modes) < len(settings["modes"]):
+        log.info("model %s has no recurrent state: modes %s only", adapter.info.get("name"), modes)
+    layers = list(range(adapter.n_layers)) if settings["layers"] == "all" else settings["layers"]
+    tables = []
+    variants = itertools.product(settings["vectors"], settings["formats"], settings["positions"], modes)
+    for vector, answer_format, n_positions, mode in variants:
+        if mode == "state" and vector != settings["vectors"][0]:
+            continue
+        items, labels = formats[answer_format]
+        log.info("sweep: vector=%s format=%s positions=%d mode=%s", vector, answer_format, n_positions, mode)
+        table = steering_sweep(
+            adapter, items, mode=mode, residual_vectors=residual[vector], state_deltas=state_deltas, layers=layers,
+            multipliers=settings["multipliers"], n_positions=n_positions, labels=labels, behavior=behavior,
+            item_ids=[item["id"] for item in items], layers_per_pass=settings["layers_per_pass"],
+        )  # fmt: skip
+        tables.append(table.assign(model=adapter.info.get("name"), vector=vector, format=answer_format))
+    return pd.concat(tables, ignore_index=True)
 
 
 # ----- files ---------------------------------------------------------------------------------------
