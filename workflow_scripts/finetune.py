@@ -43,6 +43,7 @@ from workflow_scripts.quirky_answers import (
     encode_prompts,
     score_prompts,
 )
+from workflow_scripts.schedules import linear_warmup_decay
 from workflow_scripts.quirky_data import ANSWERS, CHARACTERS
 
 log = logging.getLogger(__name__)
@@ -197,18 +198,6 @@ def _evaluate(view: ModelAdapter, prompts, targets, labels, characters, answer: 
     return result
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int):
-    """Multiplier of the learning rate at optimizer step s (0-based): linear warm-up reaching 1 at
-    step warmup_steps, then linear decay towards 0 at total_steps (no step at zero learning rate)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
-
-
 # ----- fine-tuning ---------------------------------------------------------------------------------
 
 
@@ -286,7 +275,9 @@ def finetune_quirky(
         [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=s.lr, betas=s.betas,
     )  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: linear_warmup_decay(step, total_steps, warmup_steps)
+    )
     log.info(
         "fine-tuning %s (%s): %d train / %d val rows, %d steps of %d (%d x %d), %d of %d parameters trainable",
         name, s.method, len(train), len(val), total_steps, s.effective_batch, accumulation, s.micro_batch,

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from workflow_scripts import CODE_VERSION
 from workflow_scripts.adapters import EMBEDDINGS, ModelAdapter
 from workflow_scripts.atomic import atomic_path, atomic_write_text
+from workflow_scripts.schedules import linear_warmup_decay
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,36 @@ def count_text_bytes(chunks: np.ndarray, decode: Callable[[list[int]], str]) -> 
 
 
 # ===== lenses ====================================================================================
-def decode_hidden(adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits from residual-stream vectors: the model's final norm, then its unembedding."""
-    return adapter.logits_from_stream(hidden)
+class Lens(nn.Module):
+    """A lens reads a residual-stream vector at `layer` through the model's own output head (final
+    norm, then unembedding) after its `translate`: the identity for the logit lens, a learned affine
+    map for the tuned lens (as the tuned-lens package's LogitLens and TunedLens over one Unembed).
+    Training, evaluation and figures treat every lens alike. The adapter is a plain attribute: the
+    model's parameters are not part of a lens (nor of its state_dict)."""
+
+    name = "lens"
+
+    def __init__(self, adapter: ModelAdapter):
+        super().__init__()
+        self.adapter = adapter
+
+    def translate(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        return hidden
+
+    def forward(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """Logits of the lens at `layer` for residual-stream vectors (..., hidden_size)."""
+        return self.adapter.logits_from_stream(self.translate(hidden, layer))
+
+
+class LogitLens(Lens):
+    """The residual stream read directly by the model's own output head."""
+
+    name = "logit"
 
 
 def logit_lens(adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
-    """The logit lens: the residual stream read directly by the model's own output head."""
-    return decode_hidden(adapter, hidden)
+    """The logit lens's logits for residual-stream vectors (any stream: it has no per-layer part)."""
+    return LogitLens(adapter)(hidden, layer=0)
 
 
 def lens_streams(n_layers: int, include_input: bool = True) -> list[int]:
@@ -143,18 +166,17 @@ def stream_name(layer: int, n_layers: int) -> str:
     return f"block {layer} (model output)" if layer == n_layers - 1 else f"block {layer}"
 
 
-class TunedLens(nn.Module):
+class TunedLens(Lens):
     """One affine translator per lensed stream, applied as h + W h + b before the model's output
     head. W and b start at zero, so an untrained tuned lens is exactly the logit lens. `streams` are
     what the lens reads (the embeddings when include_input, then every block); `layers` are those
     with a translator: all but the last block, whose output the model itself decodes (the
-    tuned-lens package has no translator there either; its KL to the final layer is 0 already).
-    The adapter is kept as a plain attribute: the model's parameters are not part of this module
-    (nor its state_dict)."""
+    tuned-lens package has no translator there either; its KL to the final layer is 0 already)."""
+
+    name = "tuned"
 
     def __init__(self, adapter: ModelAdapter, include_input: bool = True):
-        super().__init__()
-        self.adapter = adapter
+        super().__init__(adapter)
         self.include_input = include_input
         self.streams = lens_streams(adapter.n_layers, include_input)
         self.output_layer = adapter.n_layers - 1
@@ -179,10 +201,6 @@ class TunedLens(nn.Module):
         translator = self.translators[self.index_of(layer)]
         hidden32 = hidden.float()
         return (hidden32 + translator(hidden32)).to(hidden.dtype)
-
-    def forward(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """Logits of the tuned lens at `layer` for residual-stream vectors (..., hidden_size)."""
-        return decode_hidden(self.adapter, self.translate(hidden, layer))
 
 
 def collect_streams(adapter: ModelAdapter, token_ids: torch.Tensor, include_input: bool = True):
@@ -223,14 +241,6 @@ def frozen(module: nn.Module):
     finally:
         for parameter, flag in previous:
             parameter.requires_grad_(flag)
-
-
-def lr_factor(step: int, steps: int, warmup_steps: int) -> float:
-    """Linear warmup over warmup_steps, then linear decay reaching 0 after the last step (with no
-    warmup, step s uses (steps - s) / steps of the base rate, as the tuned-lens library does)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return (steps - step) / max(1, steps - warmup_steps)
 
 
 def step_sequences(step: int, per_step: int, n_sequences: int, seed: int) -> np.ndarray:
@@ -338,7 +348,7 @@ def train_lens(
     with frozen(adapter.model):
         for step in range(start, steps):
             for group in optimizer.param_groups:
-                group["lr"] = base_lr * lr_factor(step, steps, warmup_steps)
+                group["lr"] = base_lr * linear_warmup_decay(step, steps, warmup_steps)
             optimizer.zero_grad(set_to_none=False)
             layer_kl = torch.zeros(len(lens.layers), dtype=torch.float64)
             indices = step_sequences(step, per_step, n_sequences, seed)
@@ -448,10 +458,7 @@ def evaluate_lenses(
     if lens is not None and include_input and not lens.include_input:
         raise ValueError("include_input=True but the tuned lens has no translator for the input embeddings")
     layers = lens_streams(adapter.n_layers, include_input)
-    lenses = {"logit": lambda hidden, layer: logit_lens(adapter, hidden)}
-    if lens is not None:
-        lens.eval()
-        lenses["tuned"] = lens
+    lenses = {lens_.name: lens_.eval() for lens_ in (LogitLens(adapter), lens) if lens_ is not None}
     if n_bytes is None:
         n_bytes = count_text_bytes(eval_tokens, lambda ids: adapter.tokenizer.decode(ids, skip_special_tokens=True))
     if n_bytes <= 0:
@@ -507,9 +514,7 @@ def prediction_trajectory(adapter: ModelAdapter, token_ids: list[int], lens: Tun
     include_input = lens.include_input if lens is not None else True
     ids = torch.tensor([token_ids], dtype=torch.long, device=adapter.device)
     streams, _ = collect_streams(adapter, ids, include_input)
-    lenses = {"logit": lambda hidden, layer: logit_lens(adapter, hidden)}
-    if lens is not None:
-        lenses["tuned"] = lens.eval()
+    lenses = {lens_.name: lens_.eval() for lens_ in (LogitLens(adapter), lens) if lens_ is not None}
     rows = []
     for name, read in lenses.items():
         for layer, hidden in streams.items():

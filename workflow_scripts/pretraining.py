@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from workflow_scripts import CODE_VERSION
 from workflow_scripts.atomic import atomic_dir, atomic_path, atomic_write_text
+from workflow_scripts.schedules import cosine_warmup_decay
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
@@ -233,14 +234,6 @@ def build_model(model_type: str, config: dict, vocab_size: int, seed: int):
         raise ValueError(f"model_type {model_type!r} with config {config}: does not build ({error})") from error
 
 
-def learning_rate_factor(step: int, steps: int, warmup_steps: int) -> float:
-    """Linear warm-up to 1 over warmup_steps, then cosine decay to 0.1 at the last step."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def batch_rows(step: int, batch_size: int, n_sequences: int, seed: int) -> np.ndarray:
     """The training rows of `step`: epochs of seeded permutations read in order, so the data of a step
     depends only on (seed, step) and a resumed run sees what an uninterrupted one would."""
@@ -329,7 +322,7 @@ def train_language_model(
     with fast_training(model):
         for step in range(start, steps):
             for group in optimizer.param_groups:
-                group["lr"] = settings["lr"] * learning_rate_factor(step, steps, settings["warmup_steps"])
+                group["lr"] = settings["lr"] * cosine_warmup_decay(step, steps, settings["warmup_steps"])
             ids = torch.as_tensor(train[batch_rows(step, batch_size, len(train), settings["seed"])], dtype=torch.long)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             optimizer.zero_grad(set_to_none=True)
