@@ -281,3 +281,99 @@ def test_gguf_model_is_converted_once_and_loads_as_the_file_itself(tmp_path):
     assert adapter.tokenizer.encode(text) == tokenizer.encode(text)
     ids = torch.tensor([tokenizer.encode(text)])
     torch.testing.assert_close(adapter.model(ids).logits, direct(ids).logits, rtol=0, atol=0)
+
+
+# ----- blocks and final norm of other causal LMs, by the general rule ---------------------------------
+# Tiny random configs (2 blocks) of transformers families beyond the three the project adapts, read
+# through the transformer adapter (residual stream only: their states need adapters of their own).
+# `offset`: where block 0's output sits in the model's `hidden_states` (1 after the embeddings; the
+# Mamba-style ports leave the embeddings out).
+OTHER_FAMILIES = {
+    "xlstm": ({"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "qk_dim_factor": 1.0}, 1),
+    "recurrent_gemma": ({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "num_key_value_heads": 1, "intermediate_size": 64, "lru_width": 32,
+                         "attention_window_size": 16, "block_types": ["recurrent", "attention"]}, 1),
+    "jamba": ({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+               "intermediate_size": 64, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+               "expert_layer_offset": 1, "num_experts": 2, "num_experts_per_tok": 1, "mamba_d_state": 4}, 1),
+    "lfm2": ({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "intermediate_size": 64, "layer_types": ["conv", "full_attention"]}, 1),
+    "falcon_mamba": ({"hidden_size": 32, "num_hidden_layers": 2, "state_size": 4}, 0),
+    "mamba2": ({"hidden_size": 32, "num_hidden_layers": 2, "state_size": 4, "num_heads": 4, "head_dim": 16,
+                "n_groups": 1, "chunk_size": 16}, 0),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(OTHER_FAMILIES))
+def other_family(request, tmp_path_factory):
+    from workflow_scripts.adapters import load_adapter
+    from workflow_scripts.model_sources import materialize
+
+    model_type = request.param
+    config, offset = OTHER_FAMILIES[model_type]
+    spec = {"family": "transformer", "source": {"tiny": {"model_type": model_type, "seed": 0, "config": config}}}
+    folder = tmp_path_factory.mktemp(model_type)
+    try:
+        materialize(spec, model_type, folder)
+        adapter = load_adapter(spec, model_type, folder / "weights")
+    except Exception as error:  # a port that does not build here is reported, not faked
+        pytest.skip(f"{model_type} does not build on this machine: {type(error).__name__}: {error}")
+    return adapter, offset
+
+
+@torch.no_grad()
+def test_other_families_blocks_final_norm_and_stream(other_family):
+    adapter, offset = other_family
+    assert adapter.n_layers == 2 and len(adapter.blocks) == 2
+    batch = adapter.batch(token_lists(adapter))
+    width = batch.input_ids.shape[1]
+    positions = torch.arange(width)[None, :].expand(len(batch.lengths), -1)
+    try:
+        stream, logits_at = adapter.residual_stream(batch, positions)
+        out = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+    except Exception as error:
+        pytest.skip(f"{type(adapter.model).__name__} does not run on this machine: {type(error).__name__}: {error}")
+    real = batch.attention_mask.bool()
+    assert stream.shape == (adapter.n_layers, len(batch.lengths), width, adapter.hidden_size)
+    torch.testing.assert_close(logits_at[real], out.logits[real], rtol=0, atol=0)
+    # The last block's output through the final norm and the unembedding (and the model's logit soft
+    # cap, xLSTM's and RecurrentGemma's) is what the model outputs: both were found.
+    torch.testing.assert_close(adapter.logits_from_stream(stream[-1])[real], out.logits[real], rtol=0, atol=1e-5)
+    hidden = out.hidden_states
+    torch.testing.assert_close(adapter.final_norm(stream[-1])[real], hidden[-1][real], rtol=0, atol=1e-5)
+    for layer in range(adapter.n_layers - 1):  # the last entry is after the final norm
+        torch.testing.assert_close(stream[layer][real], hidden[layer + offset][real], rtol=0, atol=1e-5)
+    test_steering_hook_adds_exactly_and_is_removed(adapter)
+
+
+def _flat_model(*children):
+    """A model of named children with a config of 2 layers, for the structure rules alone."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Module()
+    model.config = SimpleNamespace(num_hidden_layers=2)
+    for name, child in children:
+        model.add_module(name, child)
+    return model
+
+
+def test_final_norm_is_the_last_norm_after_the_blocks_else_a_clear_error():
+    from workflow_scripts.adapters import decoder_and_blocks, find_final_norm
+
+    def blocks():  # each block holds a list of 2 "experts": not the blocks, being nested in them
+        experts = [torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]) for _ in range(2)]
+        return torch.nn.ModuleList([torch.nn.ModuleDict({"experts": pair}) for pair in experts])
+
+    layers, after = blocks(), torch.nn.LayerNorm(4)
+    head = torch.nn.Linear(4, 4)
+    model = _flat_model(("pre", torch.nn.LayerNorm(4)), ("stack", layers), ("post", after), ("head", head))
+    assert decoder_and_blocks(model) == (model, layers)
+    assert find_final_norm(model) is after
+    named = _flat_model(("stack", blocks()), ("mystery", torch.nn.LayerNorm(4)), ("out_norm", torch.nn.LayerNorm(4)))
+    assert find_final_norm(named) is named.out_norm  # a known name first
+    bare = _flat_model(("pre", torch.nn.LayerNorm(4)), ("stack", blocks()), ("head", torch.nn.Linear(4, 4)))
+    with pytest.raises(RuntimeError, match=r"no final norm found in Module.*pre \(LayerNorm\), stack \(ModuleList\)"):
+        find_final_norm(bare)
+    two = _flat_model(("a", blocks()), ("b", blocks()))
+    with pytest.raises(RuntimeError, match="2 lists of 2 modules.*a, b"):
+        decoder_and_blocks(two)

@@ -1,6 +1,10 @@
 """One model interface for every stage: transformer, Mamba and RWKV behind the same methods.
 
 A stage gets an adapter from `load_adapter(spec)` and never looks at the architecture itself.
+`ModelAdapter` holds what every family shares; `TransformerAdapter`, `MambaAdapter` and `RwkvAdapter`
+add how each family's model is called and where its state lives (`ADAPTERS`, by family name).
+The blocks and the final norm are found by one rule for every causal LM (`decoder_and_blocks`,
+`find_final_norm`), not by family.
 Layers are named by block index 0..n_layers-1; "the residual stream after block l" is what block
 l+1 receives (for the last block: what the final norm receives).
 """
@@ -62,10 +66,112 @@ class _Output:
         return self.state
 
 
-class ModelAdapter:
-    """Base adapter; the transformer family uses it as it is."""
+# Config attributes that give the number of blocks, tried in order (remote code keeps GPT-2's names).
+LAYER_COUNT_NAMES = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_blocks")
+# Attribute names of the final norm in the module that holds the blocks, tried in order; a model
+# with none of them gets the last norm-like module registered after its blocks (LFM2's
+# `embedding_norm`, which it applies after the last block despite its name).
+FINAL_NORM_NAMES = (
+    "norm", "final_layer_norm", "norm_f", "ln_f", "ln_out", "final_norm", "final_layernorm", "out_norm"
+)  # fmt: skip
+# Config attributes of a soft cap the model puts on its logits, cap * tanh(logits / cap): Gemma 2
+# and 3, RecurrentGemma, xLSTM.
+LOGIT_SOFT_CAP_NAMES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 
-    family = "transformer"
+
+def text_config(model: nn.Module):
+    """The config of the language model itself (a multimodal model's text part; otherwise the config)."""
+    config = model.config
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if callable(get_text_config) else config
+
+
+def layer_count(config) -> int:
+    for name in LAYER_COUNT_NAMES:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise RuntimeError(f"{type(config).__name__} names no layer count (tried {', '.join(LAYER_COUNT_NAMES)})")
+
+
+def _block_lists(module: nn.Module, n: int) -> dict[str, nn.ModuleList]:
+    """The outermost ModuleLists of length n in `module`, by name (a list nested in another one of
+    the same length, such as n experts inside a block, is left out)."""
+    found = {
+        name: child for name, child in module.named_modules() if isinstance(child, nn.ModuleList) and len(child) == n
+    }
+    return {
+        name: child
+        for name, child in found.items()
+        if not any(name.startswith(other + ".") for other in found if other != name and other)
+    }
+
+
+def decoder_and_blocks(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The module that holds a causal LM's blocks and final norm (its decoder: `get_decoder()`, else
+    `base_model`, else the model itself), and the blocks: the one ModuleList whose length is the
+    configured number of layers."""
+    n = layer_count(text_config(model))
+    candidates = []
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        with contextlib.suppress(AttributeError, NotImplementedError, ValueError):  # remote code may lack one
+            candidates.append(get_decoder())
+    candidates += [getattr(model, "base_model", model), model]
+    for decoder in candidates:
+        if not isinstance(decoder, nn.Module):
+            continue
+        lists = _block_lists(decoder, n)
+        direct = {name: blocks for name, blocks in lists.items() if "." not in name and name}
+        if len(lists) == 1 or len(direct) == 1:
+            return decoder, next(iter((lists if len(lists) == 1 else direct).values()))
+        if len(lists) > 1:
+            raise RuntimeError(
+                f"{len(lists)} lists of {n} modules in {type(model).__name__} ({', '.join(lists)}): "
+                "which of them holds the blocks is ambiguous"
+            )
+    raise RuntimeError(f"no list of {n} blocks found in {type(model).__name__}")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+    return isinstance(module, norms) or "norm" in type(module).__name__.lower()
+
+
+def find_final_norm(model: nn.Module) -> nn.Module:
+    """The norm a causal LM applies to its last block's output before the unembedding: a child of its
+    decoder with one of FINAL_NORM_NAMES, else the last norm-like child registered after the blocks."""
+    decoder, blocks = decoder_and_blocks(model)
+    for name in FINAL_NORM_NAMES:
+        if isinstance(getattr(decoder, name, None), nn.Module):
+            return getattr(decoder, name)
+    children = list(decoder.named_children())
+    holding = [i for i, (_, child) in enumerate(children) if any(m is blocks for m in child.modules())]
+    norms = [child for _, child in children[holding[0] + 1 :] if _is_norm(child)] if holding else []
+    if norms:
+        return norms[-1]
+    listed = ", ".join(f"{name} ({type(child).__name__})" for name, child in children)
+    raise RuntimeError(
+        f"no final norm found in {type(model).__name__}: its decoder {type(decoder).__name__} has no child named "
+        f"{' / '.join(FINAL_NORM_NAMES)} and no norm after its blocks; its children: {listed}"
+    )
+
+
+@dataclass(frozen=True)
+class _Steering:
+    """One active `add_to_block`: the vector (already on the model's device and dtype) and positions."""
+
+    layer: int
+    vector: torch.Tensor
+    positions: torch.Tensor | None
+
+
+class ModelAdapter:
+    """What every family shares: structure (blocks, final norm, unembedding), text, the residual
+    stream, steering it, training hooks and the state operations built on `state_tensors`. A family
+    supplies the model call (`_run`) and its state (`_state_of`, `repeat_state`, `state_tensors`)."""
+
+    family: str | None = None
     has_recurrent_state = False  # True where the state is a fixed-size summary of the past (RNNs)
 
     def __init__(self, loaded: LoadedModel):
@@ -73,8 +179,10 @@ class ModelAdapter:
         self.model = loaded.model.eval().requires_grad_(False)
         self.tokenizer = loaded.tokenizer
         self.info = loaded.info
-        self._row: slice | None = None  # set while a batch is run one row at a time
-        self._offset = 0  # set while a sequence is run one token at a time
+        # The vectors of the active `add_to_block` contexts: every model call adds them through
+        # hooks of its own, made with that call's rows and first position (a tuple: never shared
+        # in place by copies of the adapter).
+        self._steering: tuple[_Steering, ...] = ()
         self.blocks = self._find_blocks()
 
     def with_model(self, model: nn.Module, info: dict | None = None) -> ModelAdapter:
@@ -91,24 +199,20 @@ class ModelAdapter:
     # ----- structure -------------------------------------------------------------------------
     def _find_blocks(self) -> nn.ModuleList:
         """The ModuleList of blocks: the one whose length is the configured number of layers."""
-        n = self.model.config.num_hidden_layers
-        for module in self.model.base_model.modules():
-            if isinstance(module, nn.ModuleList) and len(module) == n:
-                return module
-        raise RuntimeError(f"no list of {n} blocks found in {type(self.model).__name__}")
+        return decoder_and_blocks(self.model)[1]
 
     @property
     def n_layers(self) -> int:
-        return self.model.config.num_hidden_layers
+        return layer_count(text_config(self.model))
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+        return text_config(self.model).hidden_size
 
     @property
     def context_length(self) -> int | None:
         """Longest prompt the model was built for, or None where there is no limit."""
-        return getattr(self.model.config, "max_position_embeddings", None)
+        return None
 
     @property
     def device(self) -> torch.device:
@@ -117,11 +221,10 @@ class ModelAdapter:
     @property
     def final_norm(self) -> nn.Module:
         """The norm applied to the last block's output before the unembedding."""
-        base = self.model.base_model
-        for name in ("norm", "final_layer_norm", "norm_f", "ln_f", "ln_out"):
-            if isinstance(getattr(base, name, None), nn.Module):
-                return getattr(base, name)
-        raise RuntimeError(f"no final norm found in {type(base).__name__}")
+        found = self.__dict__.get("_final_norm")
+        if found is None or found[0] is not self.model:  # looked up once per model (a view swaps it)
+            found = self._final_norm = (self.model, find_final_norm(self.model))
+        return found[1]
 
     @property
     def unembed(self) -> nn.Module:
@@ -129,11 +232,18 @@ class ModelAdapter:
 
     def logits_from_stream(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from a residual stream vector, as the model computes them from its last
-        block's output: final norm, then unembedding (the logit lens)."""
+        block's output: final norm, then unembedding, then the model's soft cap if it has one (the
+        logit lens)."""
         # output_scale(n_layers) converts to the units the final norm sees (1 except for RWKV).
         normed = self.final_norm(hidden / self.output_scale(self.n_layers))
         # Mamba keeps its residual stream in float32 (residual_in_fp32) even in a bf16 model.
-        return self.unembed(normed.to(self.unembed.weight.dtype))
+        logits = self.unembed(normed.to(self.unembed.weight.dtype))
+        config = text_config(self.model)
+        for name in LOGIT_SOFT_CAP_NAMES:
+            cap = getattr(config, name, None)
+            if cap:
+                return cap * torch.tanh(logits / cap)
+        return logits
 
     def site_description(self) -> str:
         return "block output (residual stream after the block)"
@@ -224,12 +334,18 @@ class ModelAdapter:
         return out.logits[torch.arange(len(last), device=self.device), column]
 
     def _call(self, input_ids, attention_mask, state, use_cache, **extra):
-        return self.model(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=state, use_cache=use_cache, **extra
-        )
+        """The model on a batch, steered by the active `add_to_block` contexts. A family whose model
+        must be run in pieces (row by row, token by token) runs each piece in `_steered` itself."""
+        with self._steered():
+            return self._run(input_ids, attention_mask, state, use_cache, **extra)
+
+    def _run(self, input_ids, attention_mask, state, use_cache, **extra):
+        """One call of the model: the family's argument names for the mask and the state."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to call its model")
 
     def _state_of(self, out):
-        return getattr(out, "past_key_values", None)
+        """The state a model output carries (for continuing from it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say where its model returns the state")
 
     def residual_stream(self, batch: TokenBatch, positions: torch.Tensor, layers: list[int] | None = None):
         """Residual stream after each block at the given (B, P) absolute positions; `layers` may also
@@ -274,29 +390,48 @@ class ModelAdapter:
     def add_to_block(self, layer: int, vector: torch.Tensor, positions: torch.Tensor | None = None):
         """While active, add `vector` to block `layer`'s output: (D,) for every row or (B, D) per row,
         at the (B, P) positions given (indices into the tokens of each forward call it meets, so a
-        call that continues from a state counts from its own first token), or everywhere when None."""
+        call that continues from a state counts from its own first token), or everywhere when None.
+        It steers the adapter's own calls (`forward`, `residual_stream`, `last_token_logits`), each
+        through hooks of its own that are removed when the call returns."""
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} outside 0..{self.n_layers - 1}")
-        # The vector is in residual-stream units; the hook converts it to the block's raw output.
-        handle = self.blocks[layer].register_forward_hook(
-            self._make_adder(layer, vector.to(self.device, self.model.dtype), positions)
-        )
+        steering = _Steering(layer, vector.to(self.device, self.model.dtype), positions)
+        self._steering = (*self._steering, steering)
         try:
             yield
         finally:
-            handle.remove()
+            self._steering = tuple(active for active in self._steering if active is not steering)
 
-    def _make_adder(self, layer: int, vector: torch.Tensor, positions: torch.Tensor | None):
+    @contextlib.contextmanager
+    def _steered(self, row: slice | None = None, offset: int = 0):
+        """Hooks that add the active steering vectors during one model call: the call runs the batch's
+        rows `row` (all when None), and its first token is position `offset` of the forward call."""
+        # Prepended, in reverse, so the vectors are added in the order they were given and before any
+        # other hook of the block (residual_stream's readers) sees its output.
+        handles = [
+            self.blocks[steering.layer].register_forward_hook(self._make_adder(steering, row, offset), prepend=True)
+            for steering in reversed(self._steering)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _make_adder(self, steering: _Steering, row: slice | None, offset: int):
+        layer, vector, positions = steering.layer, steering.vector, steering.positions
+
         def hook(_module, _inputs, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            row_vector = vector[self._row] if vector.dim() == 2 and self._row is not None else vector
-            row_positions = positions[self._row] if positions is not None and self._row is not None else positions
+            row_vector = vector[row] if vector.dim() == 2 and row is not None else vector
+            row_positions = positions[row] if positions is not None and row is not None else positions
+            # The vector is in residual-stream units; the block's raw output may be in others.
             delta = row_vector / self.output_scale(layer)
             hidden = hidden.clone()
             if row_positions is None:
                 hidden += delta[:, None, :] if delta.dim() == 2 else delta
             else:
-                pos = row_positions.to(hidden.device) - self._offset
+                pos = row_positions.to(hidden.device) - offset
                 rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(pos)
                 add = (delta[:, None, :] if delta.dim() == 2 else delta).expand(*pos.shape, -1)
                 inside = (pos >= 0) & (pos < hidden.shape[1])  # run token by token, one call sees one
@@ -322,15 +457,12 @@ class ModelAdapter:
 
     def repeat_state(self, state, times: int):
         """A new state with each row repeated `times` times (row-major), e.g. one prefix, many runs."""
-        state = self.copy_state(state)
-        state.batch_repeat_interleave(times)
-        return state
+        raise NotImplementedError(f"{type(self).__name__} cannot repeat its state")
 
     def state_tensors(self, state, layer: int) -> dict[str, torch.Tensor]:
         """The tensors that carry block `layer`'s memory of the past, by name. They are the state's
         own storage: adding to them in place changes what the next forward sees."""
-        cache_layer = state.layers[layer]
-        return {"keys": cache_layer.keys, "values": cache_layer.values}
+        raise NotImplementedError(f"{type(self).__name__} does not name its state tensors")
 
     def state_values(self, state, layer: int) -> dict[str, torch.Tensor]:
         """Block `layer`'s state in its true units, by name: what state steering averages and adds to
@@ -349,32 +481,58 @@ class ModelAdapter:
         return state
 
 
+class TransformerAdapter(ModelAdapter):
+    """Attention models (transformers' causal LMs): the state is the key/value cache. Any causal LM
+    whose blocks and final norm the base class finds can be read and steered in its residual stream
+    through this adapter; its state is read as a key/value cache."""
+
+    family = "transformer"
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def _run(self, input_ids, attention_mask, state, use_cache, **extra):
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=state, use_cache=use_cache, **extra
+        )
+
+    def _state_of(self, out):
+        return getattr(out, "past_key_values", None)
+
+    def repeat_state(self, state, times: int):
+        state = self.copy_state(state)
+        state.batch_repeat_interleave(times)
+        return state
+
+    def state_tensors(self, state, layer: int) -> dict[str, torch.Tensor]:
+        cache_layer = state.layers[layer]
+        return {"keys": cache_layer.keys, "values": cache_layer.values}
+
+
 class MambaAdapter(ModelAdapter):
     family = "mamba"
     has_recurrent_state = True
 
-    @property
-    def context_length(self):
-        return None
-
     def _call(self, input_ids, attention_mask, state, use_cache, **extra):
         if state is not None and input_ids.shape[1] > 1:
             return self._call_stepwise(input_ids, state)
+        return super()._call(input_ids, attention_mask, state, use_cache, **extra)
+
+    def _run(self, input_ids, attention_mask, state, use_cache, **extra):
         return self.model(
             input_ids=input_ids, attention_mask=attention_mask, cache_params=state, use_cache=use_cache, **extra
         )
 
     def _call_stepwise(self, input_ids, state):
         # The port's multi-token path starts its scan from a zero SSM state and ignores the cached
-        # one, so a continuation of several tokens is run one token at a time (the recurrent form).
+        # one, so a continuation of several tokens is run one token at a time (the recurrent form);
+        # step `step` is steered at the call's position `step`.
         logits = []
-        try:
-            for step in range(input_ids.shape[1]):
-                self._offset = step
+        for step in range(input_ids.shape[1]):
+            with self._steered(offset=step):
                 out = self.model(input_ids=input_ids[:, step : step + 1], cache_params=state, use_cache=True)
-                logits.append(out.logits)
-        finally:
-            self._offset = 0
+            logits.append(out.logits)
         return _Output(logits=torch.cat(logits, dim=1), state=state)
 
     def _state_of(self, out):
@@ -447,26 +605,28 @@ class RwkvAdapter(ModelAdapter):
         return float(2 ** (layer // every)) if not self.model.training and every > 0 else 1.0
 
     def _call(self, input_ids, attention_mask, state, use_cache, **extra):
-        # The port ignores attention_mask (right padding keeps real positions exact anyway).
         if state is not None and input_ids.shape[0] > 1 and input_ids.shape[1] == 1:
             return self._call_rowwise(input_ids, state)
+        return super()._call(input_ids, attention_mask, state, use_cache, **extra)
+
+    def _run(self, input_ids, attention_mask, state, use_cache, **extra):
+        # The port ignores attention_mask (right padding keeps real positions exact anyway).
         return self.model(input_ids=input_ids, state=state, use_cache=use_cache, **extra)
 
     def _call_rowwise(self, input_ids, state):
         # The port's one-token step broadcasts (B,1,D) against (B,D) and mixes rows when B > 1,
-        # so each row continues on its own; the slices are views, so `state` is updated in place.
+        # so each row continues on its own (steered with its own row of per-row vectors); the
+        # slices are views, so `state` is updated in place.
         logits = []
-        try:
-            for row in range(input_ids.shape[0]):
-                self._row = slice(row, row + 1)
-                row_state = [tensor[row : row + 1] for tensor in state]
-                out = self.model(input_ids=input_ids[row : row + 1], state=row_state, use_cache=True)
-                for full, new in zip(state, out.state):
-                    if new.data_ptr() != full[row : row + 1].data_ptr():
-                        full[row : row + 1] = new
-                logits.append(out.logits)
-        finally:
-            self._row = None
+        for row in range(input_ids.shape[0]):
+            rows = slice(row, row + 1)
+            row_state = [tensor[rows] for tensor in state]
+            with self._steered(row=rows):
+                out = self.model(input_ids=input_ids[rows], state=row_state, use_cache=True)
+            for full, new in zip(state, out.state):
+                if new.data_ptr() != full[rows].data_ptr():
+                    full[rows] = new
+            logits.append(out.logits)
         return _Output(logits=torch.cat(logits), state=state)
 
     def _state_of(self, out):
@@ -533,7 +693,11 @@ def _row_scale(scale, target: torch.Tensor) -> torch.Tensor:
     return factor.reshape(-1, *([1] * (target.dim() - 1))) if factor.dim() else factor
 
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {"transformer": ModelAdapter, "mamba": MambaAdapter, "rwkv": RwkvAdapter}
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    "transformer": TransformerAdapter,
+    "mamba": MambaAdapter,
+    "rwkv": RwkvAdapter,
+}
 
 
 def load_job_adapter(spec: dict, name: str, manifest_path) -> ModelAdapter:
