@@ -202,7 +202,8 @@ def fast_training(model: torch.nn.Module):
     reference = modeling_rwkv.rwkv_linear_attention
 
     def rwkv_attention(time_decay, time_first, key, value, state=None, return_state=False):
-        if state is None and not return_state and key.shape[1] > 1:
+        # on a GPU transformers has its CUDA kernel; on a CPU it would loop over time
+        if state is None and not return_state and key.shape[1] > 1 and key.device.type == "cpu":
             return rwkv4_wkv_chunked(time_decay, time_first, key, value)
         return reference(time_decay, time_first, key, value, state=state, return_state=return_state)
 
@@ -250,11 +251,12 @@ def batch_rows(step: int, batch_size: int, n_sequences: int, seed: int) -> np.nd
 def heldout_loss(model: torch.nn.Module, evaluation: np.ndarray, batch_size: int) -> float:
     """Mean next-token cross-entropy (nats per token) over every eval chunk."""
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     total, count = 0.0, 0
     with fast_training(model):
         for first in range(0, len(evaluation), batch_size):
-            ids = torch.as_tensor(evaluation[first : first + batch_size], dtype=torch.long)
+            ids = torch.as_tensor(evaluation[first : first + batch_size], dtype=torch.long, device=device)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             total += float(
                 torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
@@ -314,6 +316,7 @@ def train_language_model(
             on_eval(record)
 
     started = time.perf_counter()
+    device = next(model.parameters()).device
     model.train()
     if start == 0:
         evaluate(0, None)
@@ -323,7 +326,8 @@ def train_language_model(
         for step in range(start, steps):
             for group in optimizer.param_groups:
                 group["lr"] = settings["lr"] * cosine_warmup_decay(step, steps, settings["warmup_steps"])
-            ids = torch.as_tensor(train[batch_rows(step, batch_size, len(train), settings["seed"])], dtype=torch.long)
+            rows = batch_rows(step, batch_size, len(train), settings["seed"])
+            ids = torch.as_tensor(train[rows], dtype=torch.long, device=device)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -377,6 +381,7 @@ def train_configured_model(
         )
     model = build_model(settings["model_type"], settings.get("config", {}), len(tokenizer), settings["seed"])
     n_parameters = sum(p.numel() for p in model.parameters())
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # the GPU when the job has one
     log.info(
         "model %s: %s with %.2fM parameters, %d steps of %d x %d tokens",
         name,
