@@ -71,7 +71,7 @@ def _alternatives(names):
 
 
 BASE_MODELS = _alternatives(config["models"])
-# Models the pipeline trains (rule train_model) and those build_model materializes: one producer each.
+# Models the pipeline trains (by train_model) and those build_model materializes; one producer each.
 TRAINED = [name for name, spec in config["models"].items() if "trained" in spec["source"]]
 TRAINED_MODELS = _alternatives(TRAINED)
 BUILT_MODELS = _alternatives([name for name in config["models"] if name not in TRAINED])
