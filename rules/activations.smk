@@ -6,7 +6,7 @@ rule extract_activations:
         manifest=model_manifest("{model}"),
         prompts=prompt_set_path,
     output:
-        parquet="data/activations/{model}/{prompt_set}.parquet",
+        parquet=activation_file("{model}", "{prompt_set}"),
     log:
         "logs/extract_activations/{model}/{prompt_set}.log",
     benchmark:

@@ -36,6 +36,11 @@ def model_manifest(model):
     return f"data/models/{model}/manifest.json"
 
 
+def activation_file(model, prompt_set):
+    """Where extract_activations writes a model's activations on a prompt set (patterns allowed)."""
+    return f"data/activations/{model}/{prompt_set}.parquet"
+
+
 FINETUNED_MODELS = {
     finetuned_name(base, dataset): (base, dataset)
     for base in config["quirky"]["models"]
@@ -207,7 +212,7 @@ def all_training_figures():
 
 def all_activations():
     return expand(
-        "data/activations/{model}/{prompt_set}.parquet",
+        activation_file("{model}", "{prompt_set}"),
         model=config["models"],
         prompt_set=config["prompt_sets"],
     )

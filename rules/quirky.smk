@@ -72,18 +72,8 @@ rule answer_quirky:
 rule fit_probes:
     input:
         table="data/quirky/{dataset}/table.parquet",
-        statements=expand(
-            rules.extract_activations.output.parquet,
-            model=finetuned_name("{base}", "{dataset}"),
-            prompt_set="quirky-{dataset}",
-            allow_missing=True,
-        ),
-        pairs=expand(
-            rules.extract_activations.output.parquet,
-            model=finetuned_name("{base}", "{dataset}"),
-            prompt_set="quirky-{dataset}-pairs",
-            allow_missing=True,
-        ),
+        statements=activation_file(finetuned_name("{base}", "{dataset}"), "quirky-{dataset}"),
+        pairs=activation_file(finetuned_name("{base}", "{dataset}"), "quirky-{dataset}-pairs"),
     output:
         auroc="data/quirky/probes/{base}/{dataset}/auroc.csv",
         anomaly="data/quirky/probes/{base}/{dataset}/anomaly.csv",

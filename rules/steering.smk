@@ -23,7 +23,7 @@ rule prepare_behaviors:
 
 rule compute_steering_vectors:
     input:
-        activations="data/activations/{model}/behavior-{behavior}.parquet",
+        activations=activation_file("{model}", "behavior-{behavior}"),
         behavior_items="data/behaviors/{behavior}/items.json",
         manifest=model_manifest("{model}"),
     output:
