@@ -375,3 +375,23 @@ def test_lens_module_has_no_architecture_names():
     source = open(lens_module.__file__).read().lower()
     for name in ("mamba", "rwkv", "llama", "pythia", "gpt_neox"):
         assert name not in source
+
+
+def test_evaluation_kl_is_the_training_kl(adapters, corpora):
+    """The evaluation computes KL from the log-probabilities it already has (for CE and entropy);
+    training uses kl_from_final's fused cross-entropy. Both must give the same number per stream."""
+    adapter = adapters["mamba-tiny"]
+    _, evaluation = corpora["mamba-tiny"]
+    lens = TunedLens(adapter)
+    with torch.no_grad():
+        for translator in lens.translators:  # a lens that is not the logit lens
+            translator.weight.normal_(0, 0.05)
+    frame = evaluate_lenses(adapter, evaluation[:2], lens, batch_size=2)
+    tokens = torch.as_tensor(evaluation[:2], dtype=torch.long)
+    streams, logits = collect_streams(adapter, tokens, include_input=True)
+    final = logits[:, :-1].float().log_softmax(-1)
+    for layer in (INPUT_LAYER, 0, adapter.n_layers - 2):
+        with torch.no_grad():
+            expected = kl_from_final(final, lens(streams[layer][:, :-1], layer)).item()
+        got = frame[(frame.lens == "tuned") & (frame.layer == layer)].kl_nats.item()
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
