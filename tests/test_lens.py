@@ -13,13 +13,12 @@ import pytest
 import torch
 
 from workflow_scripts import lens as lens_module
-from workflow_scripts.corpus import load_hf_texts, python_reference_texts, read_text_files
+from workflow_scripts.corpus import count_text_bytes, load_hf_texts, python_reference_texts, read_text_files
 from workflow_scripts.lens import (
     INPUT_LAYER,
     TunedLens,
     build_corpus,
     collect_streams,
-    count_text_bytes,
     evaluate_lenses,
     kl_from_final,
     load_lens,

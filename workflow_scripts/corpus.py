@@ -14,7 +14,7 @@ from __future__ import annotations
 import glob
 import gzip
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SOURCE_KINDS = ("python_docs", "python_stdlib", "text_files", "hf_dataset")
@@ -109,3 +109,10 @@ def source_documents(source: dict) -> tuple[Iterator[str], str]:
                               config_name=body.get("config"), revision=body["revision"])  # fmt: skip
         return texts, f"{body['name']} ({body['split']})"
     raise ValueError(f"unknown corpus source {kind!r}; allowed: {', '.join(SOURCE_KINDS)}")
+
+
+def count_text_bytes(chunks, decode: Callable[[list[int]], str]) -> int:
+    """UTF-8 bytes of the text the next-token predictions of `chunks` cover (every token but each
+    chunk's first), for bits per byte. `decode` should drop special tokens (the EOS separators carry
+    no text). A character cut by a chunk edge decodes as U+FFFD: a few bytes off per chunk at most."""
+    return sum(len(decode([int(t) for t in chunk[1:]]).encode("utf-8")) for chunk in chunks)

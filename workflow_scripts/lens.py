@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from workflow_scripts import CODE_VERSION
 from workflow_scripts.adapters import EMBEDDINGS, ModelAdapter
 from workflow_scripts.atomic import atomic_path, atomic_write_text
+from workflow_scripts.corpus import count_text_bytes
 from workflow_scripts.schedules import linear_warmup_decay
 
 log = logging.getLogger(__name__)
@@ -110,13 +111,6 @@ def build_corpus(
         chunks = stream.reshape(-1, seq_len)
         splits.append(chunks[rng.permutation(len(chunks))])
     return splits[0], splits[1]
-
-
-def count_text_bytes(chunks: np.ndarray, decode: Callable[[list[int]], str]) -> int:
-    """UTF-8 bytes of the text the next-token predictions of `chunks` cover (every token but each
-    chunk's first), for bits per byte. `decode` should drop special tokens (the EOS separators carry
-    no text). A character cut by a chunk edge decodes as U+FFFD: a few bytes off per chunk at most."""
-    return sum(len(decode([int(t) for t in chunk[1:]]).encode("utf-8")) for chunk in chunks)
 
 
 # ===== lenses ====================================================================================

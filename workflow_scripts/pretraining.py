@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from workflow_scripts import CODE_VERSION
 from workflow_scripts.atomic import atomic_dir, atomic_path, atomic_write_text
+from workflow_scripts.corpus import count_text_bytes
 from workflow_scripts.schedules import cosine_warmup_decay
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,6 @@ def chunk_documents(tokenizer, documents: list[str], seq_len: int) -> np.ndarray
     return stream[: n_chunks * seq_len].reshape(n_chunks, seq_len)
 
 
-def text_bytes(tokenizer, chunks: np.ndarray) -> int:
-    """UTF-8 bytes of the text that next-token predictions on `chunks` cover (all but each chunk's first)."""
-    return sum(len(tokenizer.decode(chunk[1:].tolist(), skip_special_tokens=True).encode("utf-8")) for chunk in chunks)
-
-
 def unigram_bits_per_byte(train: np.ndarray, evaluation: np.ndarray, vocab_size: int, n_bytes: int) -> float:
     """Bits per byte of the eval predictions under the training tokens' unigram frequencies (add-one
     smoothed): the floor a language model must beat to have learned anything beyond token counts."""
@@ -117,7 +113,7 @@ def prepare_tokenizer(texts: Iterable[str], settings: dict, out_dir, source_name
             len(evaluation), settings["max_eval_sequences"], replace=False
         )
         evaluation = evaluation[np.sort(picked)]
-    n_bytes = text_bytes(tokenizer, evaluation)
+    n_bytes = count_text_bytes(evaluation, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     stats = {
         "source": source_name, "train_documents": len(train_docs), "eval_documents": len(eval_docs),
         "train_bytes": sum(len(d.encode("utf-8")) for d in train_docs),
