@@ -17,6 +17,7 @@ include: "rules/models.smk"
 include: "rules/pretraining.smk"
 include: "rules/activations.smk"
 include: "rules/steering.smk"
+include: "rules/text_steering.smk"
 include: "rules/lens.smk"
 include: "rules/quirky.smk"
 include: "rules/figures.smk"
@@ -37,3 +38,4 @@ rule all:
         all_lens_figures(),
         all_quirky_figures(),
         all_training_figures(),
+        all_text_steering_figures(),

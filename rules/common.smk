@@ -60,6 +60,7 @@ JOB_SIZES = {
     "answer_quirky": (8000, 60),
     "fit_probes": (8000, 240),
     "train_model": (8000, 720),
+    "steer_text_kinds": (8000, 240),
 }
 
 
@@ -172,6 +173,16 @@ def steering_sweep_settings(wildcards):
     return {**settings, "modes": steering_modes(config, wildcards.model)}
 
 
+def text_passage_settings(wildcards):
+    keys = ("kinds", "passage_chars", "passages_per_document", "vector_passages", "eval_passages")
+    return {key: config["text_steering"][key] for key in keys}
+
+
+def text_steering_settings(wildcards):
+    # The passage settings are in the passages file (an input); the list of models is not a setting.
+    return {key: value for key, value in config["text_steering"].items() if key != "models"}
+
+
 def steers_state(wildcards):
     """Whether the model's modes need state deltas (the adapter decides whether it has a state)."""
     return bool({"state", "both"} & set(steering_modes(config, wildcards.model)))
@@ -202,6 +213,12 @@ def all_quirky_figures():
         dataset=config["quirky"]["datasets"],
         figure=["probes", "anomaly", "accuracy"],
     )
+
+
+def all_text_steering_figures():
+    if not config["text_steering"]["models"]:
+        return []
+    return ["reports/figures/text_steering/kind_shift.png", "reports/figures/text_steering/kind_shift_by_layer.png"]
 
 
 def all_training_figures():

@@ -20,7 +20,7 @@ def with_change(path, value):
     config = base()
     node = config
     for key in path[:-1]:
-        node = node[key]
+        node = node.setdefault(key, {})
     if value is _DELETE:
         del node[path[-1]]
     else:
@@ -63,6 +63,13 @@ _DELETE = object()
         (("steering", "model_modes"), {"rwkv-tiny": ["sideways"]},
          ["steering.model_modes.rwkv-tiny.0", "'sideways'", "both"]),
         (("extraction", "positions"), [0, -2], ["extraction.positions", "[0, -2]", "-1", "'last', 'all'"]),
+        (("text_steering", "models"), ["llama-tyni"], ["text_steering.models", "'llama-tyni'", "not a model"]),
+        (("text_steering", "kinds"),
+         [{"name": "a", "source": {"python_docs": {}}}, {"name": "a", "source": {"python_sources": {}}}],
+         ["text_steering.kinds", "'a'", "two names"]),
+        (("text_steering", "passage_chars"), 40, ["text_steering.passage_chars", "40", "at least 64"]),
+        (("text_steering", "positions"), ["first"], ["text_steering.positions.0", "'first'", "'last', 'all'"]),
+        (("text_steering", "prefix_tokens"), 1, ["text_steering.prefix_tokens", "1", ">= 2"]),
     ],
 )
 def test_bad_values_are_named(path, value, expected):

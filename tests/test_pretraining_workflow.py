@@ -3,6 +3,7 @@ and the lenses on them, through Snakemake."""
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -28,5 +29,15 @@ def test_trained_models_are_models_like_any_other(tmp_path_factory):
     assert (project / "reports/figures/pretraining/training_curves.png").stat().st_size > 0
     stats = json.loads((project / "data/tokenizers/docs-bpe/stats.json").read_text())
     assert stats["vocab_size"] == 512 and stats["train_documents"] > stats["eval_documents"] > 0
+    # Steering without instructions ran on each: every setting of the sweep, and a summary per mode.
+    sweep = pd.concat(
+        pd.read_parquet(project / f"data/text_steering/{model}/sweep.parquet") for model in curves.model.unique()
+    )
+    assert set(sweep.kind) == {"code", "prose"} and set(sweep.vector) == {"contrast", "random"}
+    assert set(sweep[sweep.model == "llama-trained"]["mode"]) == {"residual"}  # no recurrent state
+    assert set(sweep[sweep.model == "mamba-trained"]["mode"]) == {"residual", "state", "both"}
+    assert np.allclose(sweep[sweep.multiplier == 0].logprob, sweep[sweep.multiplier == 0].unsteered, atol=1e-4)
+    summary = pd.read_csv(project / "reports/tables/text_steering/summary.csv")
+    assert len(summary) == 2 * (1 + 3 + 3)  # two position settings x (llama residual, 3 modes x 2 RNNs)
     again = snakemake(project, "--configfile", "configs/matched-test.yaml", "-n", "--quiet", "rules")
     assert "Nothing to be done" in again.stdout + again.stderr or "total" not in again.stdout

@@ -681,6 +681,35 @@ class RwkvAdapter(ModelAdapter):
         return state
 
 
+def mean_state_values(
+    adapter: ModelAdapter, token_lists: list[list[int]], batch_size: int = 8
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, torch.dtype]]:
+    """Per layer and state value (`state_values`: the state in its true units), the mean over the
+    token lists of the state after each (float64, one row's shape), and each value's dtype."""
+    if not token_lists:
+        raise ValueError("no token lists to average the state over")
+    # Only token lists of equal length share a batch: padding would run through the state.
+    by_length: dict[int, list[list[int]]] = {}
+    for tokens in token_lists:
+        by_length.setdefault(len(tokens), []).append(tokens)
+    totals: dict[int, dict[str, torch.Tensor]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    with torch.no_grad():
+        for group in by_length.values():
+            for start in range(0, len(group), batch_size):
+                ids = torch.tensor(group[start : start + batch_size], dtype=torch.long, device=adapter.device)
+                _, state = adapter.forward(ids, use_cache=True)
+                for layer in range(adapter.n_layers):
+                    layer_totals = totals.setdefault(layer, {})
+                    # Averaged in the state's true units (for RWKV-4 not its max-normalised storage).
+                    for name, tensor in adapter.state_values(state, layer).items():
+                        dtypes[name] = tensor.dtype
+                        row_sum = tensor.detach().to("cpu", torch.float64).sum(0)
+                        layer_totals[name] = layer_totals[name] + row_sum if name in layer_totals else row_sum
+    count = len(token_lists)
+    return {layer: {name: total / count for name, total in named.items()} for layer, named in totals.items()}, dtypes
+
+
 def _check_delta_names(deltas: dict, values: dict, layer: int) -> None:
     unknown = set(deltas) - set(values)
     if unknown:

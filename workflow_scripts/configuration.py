@@ -160,6 +160,7 @@ def check_config(config: dict) -> dict:
                     f"({n_layers} blocks: allowed 0..{n_layers - 1})"
                 )
     _check_steering(checked)
+    _check_text_steering(checked)
     return _canonical(checked)
 
 
@@ -193,6 +194,40 @@ def _check_steering(checked: dict) -> None:
                     f"config: {key} has {mode!r} for model {name!r}, but {problem}; "
                     f"allowed for it: ['residual'] (set steering.model_modes.{name}: [residual])"
                 )
+
+
+def _check_text_steering(checked: dict) -> None:
+    settings = checked["text_steering"]
+    unknown = [name for name in settings["models"] if name not in checked["models"]]
+    if unknown:
+        raise ConfigError(
+            f"config: text_steering.models has {unknown[0]!r}, not a model; allowed: {sorted(checked['models'])}"
+        )
+    first, second = (kind["name"] for kind in settings["kinds"])
+    if first == second:
+        raise ConfigError(f"config: text_steering.kinds are both named {first!r}; the two kinds need two names")
+    needed = settings["prefix_tokens"] + settings["continuation_tokens"]
+    if settings["passage_chars"] < needed:
+        raise ConfigError(
+            f"config: text_steering.passage_chars = {settings['passage_chars']} is not allowed: a passage must "
+            f"hold prefix_tokens + continuation_tokens = {needed} tokens, so at least {needed} characters"
+        )
+    for name in settings["models"]:
+        n_layers = model_n_layers(name, checked["models"][name])
+        layers = settings["layers"]
+        outside = [] if layers == "all" else [layer for layer in layers if layer >= n_layers]
+        if outside:
+            raise ConfigError(
+                f"config: text_steering.layers = {layers} has {outside[0]}, outside model {name!r} "
+                f"({n_layers} blocks: allowed 0..{n_layers - 1})"
+            )
+        problem = family_traits.unreadable_state(checked["models"][name])
+        state_modes = [mode for mode in settings["modes"] if mode != "residual"]
+        if state_modes and problem:
+            raise ConfigError(
+                f"config: text_steering.modes has {state_modes[0]!r} and steers model {name!r}, but {problem}; "
+                "allowed for it: ['residual']"
+            )
 
 
 def finetuned_model_spec(config: dict, base: str, weights_dir: str) -> dict:

@@ -5,6 +5,7 @@ A source is one of (config key `source`):
 - python_docs: the Python language and library reference shipped with CPython (offline, ~465 kB);
 - python_stdlib: that reference plus the standard library's own source files, docstrings and
   comments included (offline, several MB of English and Python);
+- python_sources: the standard library's source files alone (offline, mostly Python code);
 - text_files: a glob of text files, one document each;
 - hf_dataset: a Hugging Face dataset at a pinned revision.
 """
@@ -17,7 +18,7 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-SOURCE_KINDS = ("python_docs", "python_stdlib", "text_files", "hf_dataset")
+SOURCE_KINDS = ("python_docs", "python_stdlib", "python_sources", "text_files", "hf_dataset")
 
 
 def read_text_files(pattern: str) -> Iterator[str]:
@@ -56,12 +57,17 @@ def python_stdlib_paths() -> list[Path]:
     )  # fmt: skip
 
 
+def python_source_texts() -> Iterator[str]:
+    """Every standard-library source file (PSF licence), one document each."""
+    for path in python_stdlib_paths():
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
 def python_stdlib_texts() -> Iterator[str]:
     """The Python reference topics, then every standard-library source file (PSF licence): an offline
     corpus of several MB that ships with every Python installation."""
     yield from python_reference_texts()
-    for path in python_stdlib_paths():
-        yield path.read_text(encoding="utf-8", errors="replace")
+    yield from python_source_texts()
 
 
 def load_hf_texts(
@@ -102,6 +108,8 @@ def source_documents(source: dict) -> tuple[Iterator[str], str]:
         return python_reference_texts(), "python_docs (pydoc_data.topics)"
     if kind == "python_stdlib":
         return python_stdlib_texts(), "python_stdlib (pydoc_data.topics and the standard library's sources)"
+    if kind == "python_sources":
+        return python_source_texts(), "python_sources (the standard library's sources)"
     if kind == "text_files":
         return read_text_files(body), f"text files {body!r}"
     if kind == "hf_dataset":

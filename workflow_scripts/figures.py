@@ -244,3 +244,62 @@ def plot_training_curves(histories: pd.DataFrame, path) -> None:
     axis.legend(fontsize=7)
     axis.set(title="Models trained here: held-out loss", xlabel="training tokens", ylabel="bits per byte (held out)")
     save(figure, path)
+
+
+# ----- steering without instructions ----------------------------------------------------------------
+MODE_COLORS = {"residual": "tab:blue", "state": "tab:orange", "both": "tab:green"}
+
+
+def _grid(models, positions, sharey=True):
+    figure, axes = plt.subplots(
+        len(positions), len(models), figsize=(3.4 * len(models), 2.8 * len(positions)), squeeze=False, sharey=sharey,
+        layout="constrained",
+    )
+    return figure, axes
+
+
+def plot_text_steering(shifts: pd.DataFrame, summary: pd.DataFrame, kinds, paths: dict) -> None:
+    """(a) kind shift vs multiplier at each mode's best layer, the random vector at the same layer dashed;
+    (b) the effect (shift at the largest minus the smallest multiplier) per layer."""
+    models = list(dict.fromkeys(shifts["model"]))
+    positions = [p for p in ("last", "all") if p in set(shifts["positions"])]
+    low, high = shifts["multiplier"].min(), shifts["multiplier"].max()
+    figure, axes = _grid(models, positions)
+    for row, where in enumerate(positions):
+        for column, model in enumerate(models):
+            axis = axes[row, column]
+            for _, best in summary[(summary.model == model) & (summary.positions == where)].iterrows():
+                chosen = shifts[(shifts.model == model) & (shifts.positions == where) & (shifts["mode"] == best["mode"])
+                                & (shifts.layer == best["best_layer"])]  # fmt: skip
+                color = MODE_COLORS[best["mode"]]
+                for vector, style in (("contrast", "-"), ("random", "--")):
+                    line = chosen[chosen.vector == vector].sort_values("multiplier")
+                    label = f"{best['mode']} (layer {best['best_layer']})" if vector == "contrast" else None
+                    axis.plot(line.multiplier, line["shift"], style, color=color, marker="o", markersize=3, label=label)
+            axis.axhline(0, color="grey", linewidth=0.8)
+            axis.set(title=f"{model}, steered: {where}", xlabel="multiplier")
+            axis.set_ylabel(f"shift toward {kinds[0]}\n(nats/token)" if column == 0 else "")
+            axis.legend(fontsize=7, title="solid: contrast, dashed: random", title_fontsize=7)
+    save(figure, paths["shift"])
+
+    ends = shifts[shifts.multiplier.isin([low, high])].pivot_table(
+        index=["model", "vector", "mode", "positions", "layer"], columns="multiplier", values="shift"
+    )
+    effect = (ends[high] - ends[low]).rename("effect").reset_index()
+    figure, axes = _grid(models, positions)
+    for row, where in enumerate(positions):
+        for column, model in enumerate(models):
+            axis = axes[row, column]
+            for mode in ("residual", "state", "both"):
+                for vector, style in (("contrast", "-"), ("random", "--")):
+                    line = effect[(effect.model == model) & (effect.positions == where) & (effect["mode"] == mode)
+                                  & (effect.vector == vector)].sort_values("layer")  # fmt: skip
+                    if len(line):
+                        label = mode if vector == "contrast" else None
+                        axis.plot(line.layer, line.effect, style, color=MODE_COLORS[mode], marker="o", markersize=3,
+                                  label=label)  # fmt: skip
+            axis.axhline(0, color="grey", linewidth=0.8)
+            axis.set(title=f"{model}, steered: {where}", xlabel="layer (block)")
+            axis.set_ylabel(f"shift at {high:g} minus at {low:g}" if column == 0 else "")
+            axis.legend(fontsize=7, title="solid: contrast, dashed: random", title_fontsize=7)
+    save(figure, paths["by_layer"])

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from workflow_scripts.activations import read_layer, read_metadata
-from workflow_scripts.adapters import ModelAdapter
+from workflow_scripts.adapters import ModelAdapter, mean_state_values
 from workflow_scripts.behavior_data import AB_LABELS, NUMBERED_LABELS, answer_label, to_numbered_format, validate_items
 
 log = logging.getLogger(__name__)
@@ -159,27 +159,7 @@ def state_vectors(
 def _mean_states(adapter: ModelAdapter, prompts: Sequence[str], batch_size: int, side: str) -> tuple[StateDeltas, dict]:
     if not prompts:
         raise ValueError(f"no {side} prompts")
-    # Only prompts of equal length share a batch: padding would run through the state.
-    by_length: dict[int, list[list[int]]] = {}
-    for prompt in prompts:
-        tokens = adapter.encode_prompt(prompt)
-        by_length.setdefault(len(tokens), []).append(tokens)
-    totals: StateDeltas = {}
-    dtypes: dict[str, torch.dtype] = {}
-    with torch.no_grad():
-        for group in by_length.values():
-            for start in range(0, len(group), batch_size):
-                ids = torch.tensor(group[start : start + batch_size], dtype=torch.long, device=adapter.device)
-                _, state = adapter.forward(ids, use_cache=True)
-                for layer in range(adapter.n_layers):
-                    layer_totals = totals.setdefault(layer, {})
-                    # Averaged in the state's true units (for RWKV-4 not its max-normalised storage).
-                    for name, tensor in adapter.state_values(state, layer).items():
-                        dtypes[name] = tensor.dtype
-                        row_sum = tensor.detach().to("cpu", torch.float64).sum(0)
-                        layer_totals[name] = layer_totals[name] + row_sum if name in layer_totals else row_sum
-    means = {layer: {name: total / len(prompts) for name, total in named.items()} for layer, named in totals.items()}
-    return means, dtypes
+    return mean_state_values(adapter, [adapter.encode_prompt(prompt) for prompt in prompts], batch_size)
 
 
 # ----- evaluation ----------------------------------------------------------------------------------
