@@ -57,12 +57,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from workflow_scripts.adapters import load_adapter  # noqa: E402
+from workflow_scripts.corpus import python_reference_texts  # noqa: E402
 from workflow_scripts.lens import (  # noqa: E402
     INPUT_LAYER,
     TunedLens,
     build_corpus,
     evaluate_lenses,
-    python_reference_texts,
     step_sequences,
     train_lens,
 )

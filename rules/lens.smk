@@ -27,6 +27,7 @@ rule train_tuned_lens:
     output:
         weights="data/lens/{model}/lens.safetensors",
         settings="data/lens/{model}/lens.json",
+        package=directory("data/lens/{model}/tuned-lens"),
     log:
         "logs/train_tuned_lens/{model}.log",
     benchmark:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from workflow_scripts import CODE_VERSION
 from workflow_scripts.adapters import EMBEDDINGS, ModelAdapter
-from workflow_scripts.atomic import atomic_path, atomic_write_text
+from workflow_scripts.atomic import atomic_dir, atomic_path, atomic_write_text
 from workflow_scripts.corpus import count_text_bytes
 from workflow_scripts.schedules import linear_warmup_decay
 
@@ -529,3 +529,31 @@ def prediction_trajectory(adapter: ModelAdapter, token_ids: list[int], lens: Tun
                     }
                 )
     return pd.DataFrame(rows)
+
+
+# ===== export in the tuned-lens package's format =================================================
+def export_tuned_lens_package(lens: TunedLens, directory: str | Path, base_model: str | None = None,
+                              base_model_revision: str | None = None) -> None:
+    """Write `lens` as the tuned-lens package (0.2.0) saves one, so that its
+    TunedLens.from_model_and_pretrained(model, directory) loads it: `config.json` with the fields of
+    its TunedLensConfig and `params.pt`, a torch.save of its `layer_translators` state dict
+    ("{j}.weight" (d, d), "{j}.bias" (d,) for j = 0..n_layers-1). Its translator j reads its
+    hidden_states[j]: j = 0 the embeddings (our INPUT_LAYER), j = k + 1 the output of block k; that is
+    our translators' order, so the keys carry over as they are. The unembedding is not saved: the
+    package takes it from the model. unembed_hash is left empty (it is only compared when present)."""
+    if not lens.include_input or lens.layers != [INPUT_LAYER, *range(lens.adapter.n_layers - 1)]:
+        raise ValueError(f"the tuned-lens package needs translators for the embeddings and blocks 0..n-2, "
+                         f"this lens has layers {lens.layers}")
+    config = {
+        "base_model_name_or_path": base_model or lens.adapter.info.get("model_id") or lens.adapter.info.get("name"),
+        "d_model": lens.adapter.hidden_size,
+        "num_hidden_layers": lens.adapter.n_layers,
+        "bias": True,
+        "base_model_revision": base_model_revision or lens.adapter.info.get("revision"),
+        "unembed_hash": None,
+        "lens_type": "linear_tuned_lens",
+    }
+    state = {key: value.detach().float().cpu().contiguous() for key, value in lens.translators.state_dict().items()}
+    with atomic_dir(directory) as tmp:
+        torch.save(state, tmp / "params.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
