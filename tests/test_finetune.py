@@ -312,6 +312,34 @@ def test_lora_trains_only_lora_and_reloads_merged(lora_runs, tiny_adapters, quir
     check_reloads(summary, out_dir, adapter, quirky[1])
 
 
+@pytest.mark.parametrize("family", ["transformer", "rwkv", "mamba"])
+@torch.no_grad()
+def test_saved_lora_adapter_on_the_base_model_is_the_merged_model(lora_runs, tiny_model_dirs, family):
+    """The adapter saved beside the merged weights, loaded with peft onto the base model as saved by
+    build_model, computes the merged model's logits; only LoRA weights are in it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    name = FAMILIES[family]
+    _, out_dir, _ = lora_runs[name]
+    lora_dir = out_dir / finetune.LORA_DIR
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {path.name for path in lora_dir.iterdir()}
+    from safetensors.torch import load_file
+
+    saved = load_file(str(lora_dir / "adapter_model.safetensors"))
+    assert saved and all("lora_A" in key or "lora_B" in key for key in saved)
+    token_ids = torch.tensor([[5, 9, 17, 33, 2, 64, 7, 11]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs / name / "weights", dtype=torch.float32).eval()
+    if family == "rwkv":  # eval mode would rescale the base weights in place, not the LoRA branch beside them
+        base.config.rescale_every = 0
+    base_logits = base(input_ids=token_ids).logits
+    with_lora = PeftModel.from_pretrained(base, lora_dir).eval()  # injects the LoRA layers into `base`
+    merged = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    ours, theirs = with_lora(input_ids=token_ids).logits, merged(input_ids=token_ids).logits
+    assert not torch.allclose(base_logits, theirs, atol=1e-4)  # the fine-tuning changed the model
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 def test_best_checkpoint_by_validation_loss_is_saved(tiny_adapters, quirky, tmp_path, monkeypatch):
     """Scripted validation losses put the best step in the middle: the weights saved are that step's."""
     adapter = tiny_adapters[FAMILIES["transformer"]]

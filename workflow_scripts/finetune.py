@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("statement", "character", "label")
 SUMMARY_FILE = "finetune.json"
+LORA_DIR = "lora"  # with method lora: the adapter alone (peft's save_pretrained), inside the weights folder
 
 
 # ----- settings ------------------------------------------------------------------------------------
@@ -211,7 +212,9 @@ def finetune_quirky(
     progress: bool = True,
 ) -> dict:
     """Fine-tune a copy of adapter's model on the quirky rows of train_df and save the checkpoint with
-    the lowest validation loss to out_dir (merged weights + tokenizer + finetune.json), atomically.
+    the lowest validation loss to out_dir (merged weights + tokenizer + finetune.json, and with LoRA the
+    adapter itself in out_dir/lora, loadable with peft onto the base model; for RWKV set the base's
+    config.rescale_every = 0 first, as eval mode rescales base weights but not a LoRA branch), atomically.
 
     train_df / val_df: rows with statement, character, label (e.g. from quirky_data.generate_quirky);
         each is balanced by (character, label) and optionally capped (settings.max_train_examples /
@@ -341,11 +344,7 @@ def finetune_quirky(
     finally:
         bar.close()
 
-    # The best checkpoint, merged into a plain model.
-    _restore(trainable, best["state"])
-    merged = peft_model.merge_and_unload() if peft_model is not None else model
-    adapter.finish_training(merged, restore)
-    merged.eval().requires_grad_(False)
+    _restore(trainable, best["state"])  # the best checkpoint
     seconds = time.perf_counter() - started
     best_entry = next(entry for entry in history if entry["step"] == best["step"])
     summary = {
@@ -369,6 +368,11 @@ def finetune_quirky(
         "out_dir": str(out_dir),
     }
     with atomic_dir(out_dir) as tmp:
+        if peft_model is not None:  # the adapter alone, for peft users, before merging removes it
+            peft_model.save_pretrained(tmp / LORA_DIR)
+        merged = peft_model.merge_and_unload() if peft_model is not None else model  # a plain model
+        adapter.finish_training(merged, restore)
+        merged.eval().requires_grad_(False)
         merged.save_pretrained(tmp)
         adapter.tokenizer.save_pretrained(tmp)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=_json_default))
