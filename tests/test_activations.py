@@ -147,3 +147,33 @@ def test_prompt_longer_than_context_is_refused(tiny_adapters, tmp_path):
         match=rf"prompt 'huge' has \d+ tokens, more than the context of model .* \({adapter.context_length}\)",
     ):
         tokenize_prompts(adapter, load_prompt_set(path), "chat")
+
+
+def test_files_of_two_models_concatenate_and_filter_by_model(tiny_adapters, prompt_file, tmp_path):
+    """Each row names its model (dictionary-encoded: one stored string per row group), so two
+    models' files read as one dataset, by pyarrow or pandas, and split back by that column."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    names = sorted(tiny_adapters)[:2]
+    paths = {}
+    for name in names:
+        paths[name] = tmp_path / f"{name}.parquet"
+        extract(tiny_adapters[name], prompt_file, paths[name])
+        assert pq.read_schema(paths[name]).field("model").type == pa.dictionary(pa.int32(), pa.string())
+        for group in range(pq.ParquetFile(paths[name]).num_row_groups):  # dictionary-encoded on disk too
+            column = pq.ParquetFile(paths[name]).metadata.row_group(group).column(0)
+            assert column.path_in_schema == "model" and "RLE_DICTIONARY" in column.encodings
+
+    dataset = ds.dataset([str(paths[name]) for name in names], format="parquet")
+    for name in names:
+        alone = pq.read_table(paths[name]).drop_columns(["model"])
+        picked = dataset.to_table(filter=ds.field("model") == name).drop_columns(["model"])
+        assert picked.num_rows == alone.num_rows > 0 and picked.equals(alone)
+    frame = pd.concat([pd.read_parquet(paths[name], columns=["model", "layer"]) for name in names])
+    counts = frame.groupby("model", observed=True).size()
+    assert counts.to_dict() == {name: pq.ParquetFile(paths[name]).metadata.num_rows for name in names}
+    # The per-layer reader is unchanged apart from the new column.
+    rows, _ = read_layer(paths[names[0]], 0)
+    assert set(rows.model.astype(str)) == {names[0]}

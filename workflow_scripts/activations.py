@@ -1,6 +1,8 @@
 """Activation extraction to Parquet, written as the model runs, read back one layer at a time.
 
-Layout: one row per (example, layer, token position). Rows are buffered per layer and written as
+Layout: one row per (example, layer, token position), each naming its model (a dictionary-encoded
+column: one stored string per row group), so files of several models can be read as one dataset and
+filtered by model. Rows are buffered per layer and written as
 row groups that each hold a single layer, so memory stays bounded by the buffer whatever the number
 of prompts, and a reader can fetch one layer's row groups without touching the others.
 """
@@ -21,6 +23,7 @@ from workflow_scripts import CODE_VERSION
 from workflow_scripts.atomic import atomic_path
 
 METADATA_KEY = b"activations"
+MODEL_TYPE = pa.dictionary(pa.int32(), pa.string())
 STORAGE_TYPES = {"float32": (pa.float32(), np.float32), "float16": (pa.float16(), np.float16)}
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 def activation_schema(hidden_size: int, storage_dtype: str) -> pa.Schema:
     return pa.schema(
         [
+            ("model", MODEL_TYPE),  # the config's model name, the same in every row of a file
             ("example_index", pa.int32()),  # line order in the prompt file
             ("example_id", pa.string()),
             ("label", pa.string()),
@@ -46,9 +50,11 @@ class ActivationWriter:
     waiting. The file appears under its name only when `close()` succeeds."""
 
     def __init__(
-        self, path, hidden_size: int, layers: list[int], metadata: dict, storage_dtype="float32", rows_per_row_group=512
+        self, path, hidden_size: int, layers: list[int], metadata: dict, storage_dtype="float32", rows_per_row_group=512,
+        *, model: str,
     ):
         self.path = Path(path)
+        self.model = model
         self.layers = layers
         self.hidden_size = hidden_size
         self.numpy_dtype = STORAGE_TYPES[storage_dtype][1]
@@ -83,6 +89,7 @@ class ActivationWriter:
             table = pa.table(
                 {
                     **{name: pa.array(values, type=self.schema.field(name).type) for name, values in columns.items()},
+                    "model": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n_rows, dtype=np.int32)), [self.model]),
                     "layer": pa.array(np.full(n_rows, layer, dtype=np.int16)),
                     "activation": pa.FixedSizeListArray.from_arrays(pa.array(vectors), self.hidden_size),
                 }
@@ -169,7 +176,12 @@ def extract_activations(
         "storage_dtype": storage_dtype,
         "code_version": CODE_VERSION,
     }
-    writer = ActivationWriter(out_path, adapter.hidden_size, layers, metadata, storage_dtype, rows_per_row_group)
+    model = metadata.get("name")
+    if not model:
+        raise ValueError("the activations need a model name: load the adapter with one, or pass metadata={'name': ...}")
+    writer = ActivationWriter(
+        out_path, adapter.hidden_size, layers, metadata, storage_dtype, rows_per_row_group, model=str(model)
+    )
     order = sorted(range(len(items)), key=lambda index: len(token_lists[index]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     try:
