@@ -70,6 +70,19 @@ _DELETE = object()
         (("text_steering", "passage_chars"), 40, ["text_steering.passage_chars", "40", "at least 64"]),
         (("text_steering", "positions"), ["first"], ["text_steering.positions.0", "'first'", "'last', 'all'"]),
         (("text_steering", "prefix_tokens"), 1, ["text_steering.prefix_tokens", "1", ">= 2"]),
+        # Settings across keys that a job would refuse, refused before any job.
+        (("lens", "training", "tokens_per_step"), 72,
+         ["lens.training.tokens_per_step", "72", "multiple of lens.corpus.seq_len = 16"]),
+        (("quirky", "finetune", "effective_batch"), 12,
+         ["quirky.finetune.effective_batch", "12", "multiple of quirky.finetune.micro_batch = 8"]),
+        (("quirky", "finetune", "epochs"), 2, ["quirky.finetune.max_steps", "4", "quirky.finetune.epochs", "2"]),
+        (("quirky", "datasets", "addition", "operand_range"), [9, 9],
+         ["quirky.datasets.addition.operand_range", "[9, 9]", "low < high"]),
+        (("quirky", "datasets", "addition", "split_fractions"), [0.98, 0.01, 0.01],
+         ["quirky.datasets.addition.split_fractions", "[0.98, 0.01, 0.01]", "n_problems = 64", "'validation'",
+          "at least 2"]),
+        (("quirky", "datasets", "addition", "split_fractions"), [0.5, 0.5, 0.0],
+         ["quirky.datasets.addition.split_fractions", "'test'", "at least 2"]),
     ],
 )
 def test_bad_values_are_named(path, value, expected):

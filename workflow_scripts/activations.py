@@ -50,9 +50,9 @@ class ActivationWriter:
     waiting. The file appears under its name only when `close()` succeeds."""
 
     def __init__(
-        self, path, hidden_size: int, layers: list[int], metadata: dict, storage_dtype="float32", rows_per_row_group=512,
-        *, model: str,
-    ):
+        self, path, hidden_size: int, layers: list[int], metadata: dict, storage_dtype="float32",
+        rows_per_row_group=512, *, model: str,
+    ):  # fmt: skip
         self.path = Path(path)
         self.model = model
         self.layers = layers

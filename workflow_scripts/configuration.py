@@ -161,6 +161,7 @@ def check_config(config: dict) -> dict:
                 )
     _check_steering(checked)
     _check_text_steering(checked)
+    _check_settings_across_keys(checked)
     return _canonical(checked)
 
 
@@ -228,6 +229,44 @@ def _check_text_steering(checked: dict) -> None:
                 f"config: text_steering.modes has {state_modes[0]!r} and steers model {name!r}, but {problem}; "
                 "allowed for it: ['residual']"
             )
+
+
+def _check_settings_across_keys(checked: dict) -> None:
+    """Combinations of settings that a job would refuse (lens.train_lens, finetune.FinetuneSettings,
+    quirky_data.generate_quirky), refused here from the config alone, before any job."""
+    corpus, training = checked["lens"]["corpus"], checked["lens"]["training"]
+    if training["tokens_per_step"] % corpus["seq_len"]:
+        raise ConfigError(
+            f"config: lens.training.tokens_per_step = {training['tokens_per_step']} is not allowed: it must be a "
+            f"multiple of lens.corpus.seq_len = {corpus['seq_len']} (each step reads whole sequences)"
+        )
+    finetune = checked["quirky"]["finetune"]
+    if finetune["effective_batch"] % finetune["micro_batch"]:
+        raise ConfigError(
+            f"config: quirky.finetune.effective_batch = {finetune['effective_batch']} is not allowed: it must be a "
+            f"multiple of quirky.finetune.micro_batch = {finetune['micro_batch']}"
+        )
+    if finetune["epochs"] is not None and finetune["max_steps"] is not None:
+        raise ConfigError(
+            f"config: quirky.finetune.max_steps = {finetune['max_steps']} is not allowed with quirky.finetune.epochs "
+            f"= {finetune['epochs']}; give one of them (the other null)"
+        )
+    for name, dataset in checked["quirky"]["datasets"].items():
+        if "source" in dataset:
+            continue
+        key = f"quirky.datasets.{name}"
+        operand_range = dataset.get("operand_range")
+        if operand_range is not None and operand_range[0] >= operand_range[1]:
+            raise ConfigError(
+                f"config: {key}.operand_range = {operand_range} is not allowed; it must be [low, high] with low < high"
+            )
+        for split, fraction in zip(("train", "validation", "test"), dataset["split_fractions"]):
+            if fraction * dataset["n_problems"] < 2:  # fine-tuning reads train and validation, the probes test
+                raise ConfigError(
+                    f"config: {key}.split_fractions = {dataset['split_fractions']} is not allowed with "
+                    f"{key}.n_problems = {dataset['n_problems']}: split {split!r} would get about "
+                    f"{fraction * dataset['n_problems']:g} problems; each split needs at least 2"
+                )
 
 
 def finetuned_model_spec(config: dict, base: str, weights_dir: str) -> dict:
