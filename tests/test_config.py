@@ -73,6 +73,8 @@ _DELETE = object()
         # Settings across keys that a job would refuse, refused before any job.
         (("lens", "training", "tokens_per_step"), 72,
          ["lens.training.tokens_per_step", "72", "multiple of lens.corpus.seq_len = 16"]),
+        (("lens", "corpus", "seq_len"), 1024,
+         ["lens.corpus.seq_len", "1024", "model 'llama-tiny'", "<= its context length 512"]),
         (("quirky", "finetune", "effective_batch"), 12,
          ["quirky.finetune.effective_batch", "12", "multiple of quirky.finetune.micro_batch = 8"]),
         (("quirky", "finetune", "epochs"), 2, ["quirky.finetune.max_steps", "4", "quirky.finetune.epochs", "2"]),

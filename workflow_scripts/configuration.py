@@ -235,6 +235,15 @@ def _check_settings_across_keys(checked: dict) -> None:
     """Combinations of settings that a job would refuse (lens.train_lens, finetune.FinetuneSettings,
     quirky_data.generate_quirky), refused here from the config alone, before any job."""
     corpus, training = checked["lens"]["corpus"], checked["lens"]["training"]
+    for name in checked["lens"]["models"]:  # a context length known without loading: a model built here
+        source = checked["models"][name]["source"]
+        built_here = (source.get("tiny") or source.get("trained") or {}).get("config", {})
+        context = built_here.get("max_position_embeddings", built_here.get("context_length"))
+        if context is not None and corpus["seq_len"] > context:
+            raise ConfigError(
+                f"config: lens.corpus.seq_len = {corpus['seq_len']} is not allowed for model {name!r}: it must be "
+                f"<= its context length {context}"
+            )
     if training["tokens_per_step"] % corpus["seq_len"]:
         raise ConfigError(
             f"config: lens.training.tokens_per_step = {training['tokens_per_step']} is not allowed: it must be a "
