@@ -54,3 +54,26 @@ def test_same_seeds_give_identical_tables(run_copy, finished_run):
         read = pd.read_parquet if table.endswith(".parquet") else pd.read_csv
         pd.testing.assert_frame_equal(read(run_copy / table), read(finished_run / table), check_exact=True)
         assert (run_copy / table).stat().st_mtime > (finished_run / table).stat().st_mtime  # really recomputed
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    """mkstemp and mkdtemp make owner-only temporaries (and safetensors writes 0600 files); a shared
+    data folder on a cluster needs the outputs readable like any file the user writes."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from workflow_scripts.atomic import atomic_dir, atomic_path
+
+    mask = os.umask(0)
+    os.umask(mask)
+    with atomic_path(tmp_path / "vectors.safetensors") as tmp:
+        save_file({"v": torch.zeros(2)}, tmp)
+    with atomic_path(tmp_path / "table.csv") as tmp:
+        tmp.write_text("a\n")
+    with atomic_dir(tmp_path / "weights") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (tmp_path / "vectors.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "table.csv").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "weights").stat().st_mode & 0o777 == 0o777 & ~mask
