@@ -216,3 +216,22 @@ def test_state_steering_of_a_layer_without_state_is_refused(family_adapters, fam
         with pytest.raises(ValueError, match=rf"layers \[1\] of model '{family}'.* no recurrent"):
             steering.steering_sweep(adapter, ITEMS, mode="state", residual_vectors=residual,
                                     state_deltas={**deltas, 1: {}}, layers=[0, 1], multipliers=[1.0])  # fmt: skip
+
+
+def test_configured_sweeps_steer_a_hybrids_state_in_its_recurrent_layers_only(family_adapters, family_vectors):
+    """steering.layers 'all' on a hybrid: the residual modes sweep every layer, the state modes the
+    recurrent ones; the text-steering sweep refuses a state mode on an attention layer."""
+    from workflow_scripts import text_steering
+
+    adapter = family_adapters["jamba"]
+    residual, deltas = family_vectors["jamba"]
+    settings = {"vectors": ["caa"], "formats": ["ab"], "positions": [1], "modes": ["residual", "state", "both"],
+                "layers": "all", "multipliers": [1.0], "layers_per_pass": 1}  # fmt: skip
+    items = [{**item, "id": number} for number, item in enumerate(ITEMS)]
+    table = steering.sweep_variants(adapter, items, {"caa": residual}, deltas, settings, "toy")
+    layers = table.groupby("mode")["layer"].agg(lambda column: sorted(set(column)))
+    assert layers.to_dict() == {"residual": [0, 1], "state": [0], "both": [0]}
+    tokens = torch.tensor([adapter.encode_prompt("Sky blue? (A) yes (B) no")[:8]])
+    with pytest.raises(ValueError, match=r"layers \[1\] of model 'jamba'.* no recurrent"):
+        text_steering.continuation_sweep(adapter, tokens, 4, mode="state", positions="all", residual_vectors=residual,
+                                         state_deltas=deltas, layers=[0, 1], multipliers=[1.0])  # fmt: skip
