@@ -235,3 +235,55 @@ def test_configured_sweeps_steer_a_hybrids_state_in_its_recurrent_layers_only(fa
     with pytest.raises(ValueError, match=r"layers \[1\] of model 'jamba'.* no recurrent"):
         text_steering.continuation_sweep(adapter, tokens, 4, mode="state", positions="all", residual_vectors=residual,
                                          state_deltas=deltas, layers=[0, 1], multipliers=[1.0])  # fmt: skip
+
+
+# ----- the config check ----------------------------------------------------------------------------
+def test_config_rule_for_a_hybrids_recurrent_blocks_agrees_with_the_port(family_adapters):
+    """family_traits reads a hybrid's recurrent blocks from its config entry alone (before any job):
+    the same blocks as the adapter finds in the built model, and as the port's own config class says
+    from its defaults."""
+    from transformers import JambaConfig, Lfm2Config, RecurrentGemmaConfig
+
+    from workflow_scripts import family_traits
+
+    for family, adapter in family_adapters.items():
+        stateless = family_traits.stateless_layers(tiny_spec(family), adapter.n_layers)
+        assert stateless == [layer for layer in range(adapter.n_layers) if layer not in adapter.stateful_layers()]
+    defaults = {  # the port's config class with its defaults, and the config entry that gives the same
+        "jamba": (JambaConfig(num_hidden_layers=10), {"num_hidden_layers": 10}),
+        "lfm2": (Lfm2Config(num_hidden_layers=4, full_attn_idxs=[1, 3]), {"full_attn_idxs": [1, 3]}),
+        "recurrent_gemma": (RecurrentGemmaConfig(num_hidden_layers=7), {}),
+    }
+    for family, (port_config, entry) in defaults.items():
+        spec = {"family": family, "source": {"tiny": {"model_type": family, "config": entry}}}
+        kinds = port_config.layer_types
+        expected = [layer for layer, kind in enumerate(kinds) if kind not in ("linear_attention", "conv")]
+        assert family_traits.stateless_layers(spec, len(kinds)) == expected, (family, kinds)
+    hub = {"family": "jamba", "source": {"hub": {"id": "org/model", "revision": "main"}}}
+    assert family_traits.stateless_layers(hub, 4) is None  # only the loaded model tells
+
+
+def test_config_refuses_state_modes_on_a_hybrids_attention_blocks():
+    import copy
+
+    import yaml
+
+    from tests.conftest import REPO
+    from workflow_scripts.configuration import ConfigError, check_config
+
+    config = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
+    config["models"]["jamba-tiny"] = tiny_spec("jamba")
+    config["steering"].update(models=["jamba-tiny"], layers=[0, 1], modes=["residual", "state"], model_modes={})
+    with pytest.raises(
+        ConfigError,
+        match=r"steering.layers = \[0, 1\] has 1, an attention block of model "
+        r"'jamba-tiny' \(jamba\).*steering.modes has 'state'.*blocks \[0\]",
+    ):
+        check_config(copy.deepcopy(config))
+    config["steering"]["model_modes"] = {"jamba-tiny": ["residual"]}  # the residual stream of every block
+    check_config(copy.deepcopy(config))
+    config["steering"].update(layers="all", model_modes={})  # "all": the state of the recurrent blocks
+    check_config(copy.deepcopy(config))
+    config.setdefault("text_steering", {}).update(models=["jamba-tiny"], layers=[1], modes=["both"])
+    with pytest.raises(ConfigError, match=r"text_steering.layers = \[1\] has 1.*text_steering.modes has 'both'"):
+        check_config(config)

@@ -362,8 +362,9 @@ def sweep_variants(
         if mode == "state" and vector != settings["vectors"][0]:
             continue
         items, labels = formats[answer_format]
-        # A hybrid's state is steered in its recurrent layers only (the config check refuses others named).
-        mode_layers = layers if mode == "residual" else [layer for layer in layers if layer in stateful]
+        # With layers "all", a hybrid's state is steered in its recurrent layers (others named are refused).
+        every = mode == "residual" or settings["layers"] != "all"
+        mode_layers = layers if every else [layer for layer in layers if layer in stateful]
         log.info("sweep: vector=%s format=%s positions=%d mode=%s", vector, answer_format, n_positions, mode)
         table = steering_sweep(
             adapter, items, mode=mode, residual_vectors=residual[vector], state_deltas=state_deltas, layers=mode_layers,

@@ -271,8 +271,9 @@ def text_steering(adapter: ModelAdapter, passages: Sequence[dict], settings: dic
     tables = []
     for vector in VECTORS:
         for mode in modes:
-            # A hybrid's state is steered in its recurrent layers only.
-            mode_layers = layers if mode == "residual" else [layer for layer in layers if layer in stateful]
+            # With layers "all", a hybrid's state is steered in its recurrent layers (others named are refused).
+            every = mode == "residual" or settings["layers"] != "all"
+            mode_layers = layers if every else [layer for layer in layers if layer in stateful]
             for positions in settings["positions"]:
                 log.info("text steering: vector=%s mode=%s positions=%s", vector, mode, positions)
                 scores = continuation_sweep(
