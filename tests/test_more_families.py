@@ -287,3 +287,99 @@ def test_config_refuses_state_modes_on_a_hybrids_attention_blocks():
     config.setdefault("text_steering", {}).update(models=["jamba-tiny"], layers=[1], modes=["both"])
     with pytest.raises(ConfigError, match=r"text_steering.layers = \[1\] has 1.*text_steering.modes has 'both'"):
         check_config(config)
+
+
+# ----- the README's table of what works for which family -------------------------------------------
+TABLE_HEADING = "### Which experiment works for which family"
+COLUMNS = ["family", "extraction", "residual steering", "state steering", "both", "logit / tuned lens",
+           "quirky fine-tuning (LoRA)", "state tensors"]  # fmt: skip
+
+
+def readme_table():
+    from tests.conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    assert TABLE_HEADING in text, f"the README has no section {TABLE_HEADING!r}"
+    lines = text.split(TABLE_HEADING, 1)[1].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = lines[first:end]
+    cells = [[cell.strip().strip("`") for cell in row.strip().strip("|").split("|")] for row in rows]
+    assert cells[0] == COLUMNS
+    return {row[0]: dict(zip(COLUMNS[1:], row[1:])) for row in cells[2:]}
+
+
+@torch.no_grad()
+def _stream_works(adapter):
+    """(extraction, residual steering, lens): the stream of every block at every position, a vector
+    added to a block's output appearing there exactly, the last block's stream decoding to the logits."""
+    batch = adapter.batch([adapter.encode_prompt(adapter.build_prompt("Sky blue? (A) yes (B) no", "("))])
+    positions = torch.arange(batch.input_ids.shape[1])[None]
+    stream, logits = adapter.residual_stream(batch, positions)
+    extraction = stream.shape == (adapter.n_layers, 1, positions.shape[1], adapter.hidden_size)
+    extraction = extraction and bool(stream.isfinite().all())
+    vector, last = torch.randn(adapter.hidden_size), positions[:, -1:]
+    with adapter.add_to_block(0, vector, positions=last):
+        steered, _ = adapter.residual_stream(batch, last)
+    residual = torch.allclose(steered[0, 0, -1], stream[0, 0, -1] + vector, atol=1e-5)
+    lens = torch.allclose(adapter.logits_from_stream(stream[-1]), logits, atol=1e-4)
+    return extraction, residual, lens
+
+
+def _state_support(adapter):
+    """'yes' (every block's state steers the next token), 'recurrent blocks' (a hybrid's), or 'no';
+    and the names of the state values."""
+    if not adapter.has_recurrent_state:
+        return "no", "—"
+    ids = torch.tensor([adapter.encode_prompt("Sky blue? (A) yes (B) no")])
+    names, steered_layers = set(), []
+    with torch.no_grad():
+        _, state = adapter.forward(ids[:, :-1], use_cache=True)
+        plain, _ = adapter.forward(ids[:, -1:], state=adapter.copy_state(state))
+        for layer in range(adapter.n_layers):
+            values = adapter.state_values(state, layer)
+            if not values:
+                continue
+            names |= set(values)
+            copied = adapter.copy_state(state)
+            # Random directions (a constant one can vanish: xLSTM's readout q C sums q, near zero).
+            deltas = {name: 10 * v[0].std() * torch.randn(v[0].shape, dtype=v.dtype) for name, v in values.items()}
+            adapter.add_to_state(copied, layer, deltas)
+            moved, _ = adapter.forward(ids[:, -1:], state=copied)
+            if (moved - plain).abs().max() > 1e-5:
+                steered_layers.append(layer)
+    if steered_layers == list(range(adapter.n_layers)):
+        return "yes", ", ".join(sorted(names))
+    support = "recurrent blocks" if steered_layers else "no"
+    return support, ", ".join(sorted(names))
+
+
+def _lora_trains(adapter):
+    """Every LoRA layer on the adapter's target modules gets a gradient from the answer-token loss."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = adapter.training_copy()
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=adapter.lora_target_modules()))
+    adapter.set_train_mode(model, True, lora=True)
+    batch = adapter.batch([adapter.encode_prompt(adapter.build_prompt("Sky blue?", "("))])
+    logits = adapter.with_model(model).last_token_logits(batch)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1])).backward()
+    lora = [param for name, param in model.named_parameters() if "lora_B" in name]
+    return bool(lora) and all(param.grad is not None and param.grad.abs().sum() > 0 for param in lora)
+
+
+def test_readme_table_says_what_the_adapters_do(tiny_adapters, family_adapters):
+    adapters = {adapter.family: adapter for adapter in [*tiny_adapters.values(), *family_adapters.values()]}
+    from workflow_scripts.adapters import ADAPTERS
+
+    table = readme_table()
+    assert sorted(table) == sorted(ADAPTERS) == sorted(adapters), "one row per family"
+    yes_no = {True: "yes", False: "no"}
+    for family, adapter in adapters.items():
+        torch.manual_seed(0)
+        extraction, residual, lens = _stream_works(adapter)
+        state, names = _state_support(adapter)
+        measured = {"extraction": yes_no[extraction], "residual steering": yes_no[residual], "state steering": state,
+                    "both": state if residual else "no", "logit / tuned lens": yes_no[lens],
+                    "quirky fine-tuning (LoRA)": yes_no[_lora_trains(adapter)], "state tensors": names}  # fmt: skip
+        assert table[family] == measured, family

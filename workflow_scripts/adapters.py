@@ -173,6 +173,8 @@ class ModelAdapter:
 
     family: str | None = None
     has_recurrent_state = False  # True where the state is a fixed-size summary of the past (RNNs)
+    # Parts of the names of a block's time-mixing linear layers (LoRA's "attention" scope).
+    time_mixing: tuple[str, ...] = ("attn", "attention")
 
     def __init__(self, loaded: LoadedModel):
         # Frozen: stages that train (lenses, LoRA) add parameters of their own.
@@ -260,7 +262,7 @@ class ModelAdapter:
                 names += [
                     f"{block_name}.{name}"
                     for name, module in block.named_modules()
-                    if isinstance(module, nn.Linear) and (scope == "all" or "attn" in name or "attention" in name)
+                    if isinstance(module, nn.Linear) and (scope == "all" or any(p in name for p in self.time_mixing))
                 ]
         if not names:
             raise RuntimeError(f"no {scope} projections found in {type(self.blocks[0]).__name__}")
@@ -762,11 +764,14 @@ class Mamba2Adapter(CacheLayersAdapter):
 
 class JambaAdapter(CacheLayersAdapter):
     family = "jamba"
+    # Mamba layers: the projections the port calls as modules (it multiplies by dt_proj.weight itself).
+    time_mixing = ("attn", "mamba.in_proj", "mamba.x_proj")
     stepwise = True  # its Mamba layers' multi-token path from a cache differs from the full pass by 1.5e-5
 
 
 class Lfm2Adapter(CacheLayersAdapter):
     family = "lfm2"
+    time_mixing = ("attn", "conv.")  # the short-convolution blocks' projections
 
 
 @dataclass
@@ -785,6 +790,7 @@ class RecurrentGemmaAdapter(CacheLayersAdapter):
     sliding-window attention blocks, whose key/value window is no state to steer."""
 
     family = "recurrent_gemma"
+    time_mixing = ("temporal_block",)  # the recurrent and the local-attention blocks alike
     stepwise = True  # the port treats every multi-token call as a prefill, restarting the convolution
 
     def _temporal(self, layer):
@@ -839,6 +845,7 @@ class XlstmAdapter(ModelAdapter):
     C, the normaliser n and the stabiliser m; C and n are stored divided by exp(m), a log-space form."""
 
     family = "xlstm"
+    time_mixing = ("mlstm_layer",)
     has_recurrent_state = True
     STATE_NAMES = ("C", "n", "m")
 
