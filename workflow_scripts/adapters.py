@@ -2,7 +2,9 @@
 
 A stage gets an adapter from `load_adapter(spec)` and never looks at the architecture itself.
 `ModelAdapter` holds what every family shares; `TransformerAdapter`, `MambaAdapter` and `RwkvAdapter`
-add how each family's model is called and where its state lives (`ADAPTERS`, by family name).
+add how each family's model is called and where its state lives (`ADAPTERS`, by family name), as do the
+adapters of transformers' other recurrent and hybrid ports (Falcon-Mamba, Mamba-2, Jamba, LFM2, xLSTM,
+RecurrentGemma), whose family names are the ports' model types.
 The blocks and the final norm are found by one rule for every causal LM (`decoder_and_blocks`,
 `find_final_norm`), not by family.
 Layers are named by block index 0..n_layers-1; "the residual stream after block l" is what block
