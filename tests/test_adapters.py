@@ -284,8 +284,8 @@ def test_gguf_model_is_converted_once_and_loads_as_the_file_itself(tmp_path):
 
 
 # ----- blocks and final norm of other causal LMs, by the general rule ---------------------------------
-# Tiny random configs (2 blocks) of transformers families beyond the three the project adapts, read
-# through the transformer adapter (residual stream only: their states need adapters of their own).
+# Tiny random configs (2 blocks) of transformers' other recurrent and hybrid ports, each a family of its
+# own (the family names are the model types), read by the general rule.
 # `offset`: where block 0's output sits in the model's `hidden_states` (1 after the embeddings; the
 # Mamba-style ports leave the embeddings out).
 OTHER_FAMILIES = {
@@ -311,7 +311,8 @@ def other_family(request, tmp_path_factory):
 
     model_type = request.param
     config, offset = OTHER_FAMILIES[model_type]
-    spec = {"family": "transformer", "source": {"tiny": {"model_type": model_type, "seed": 0, "config": config}}}
+    # Each under its own family (its adapter; test_more_families checks their states).
+    spec = {"family": model_type, "source": {"tiny": {"model_type": model_type, "seed": 0, "config": config}}}
     folder = tmp_path_factory.mktemp(model_type)
     try:
         materialize(spec, model_type, folder)

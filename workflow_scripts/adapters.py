@@ -2,7 +2,9 @@
 
 A stage gets an adapter from `load_adapter(spec)` and never looks at the architecture itself.
 `ModelAdapter` holds what every family shares; `TransformerAdapter`, `MambaAdapter` and `RwkvAdapter`
-add how each family's model is called and where its state lives (`ADAPTERS`, by family name).
+add how each family's model is called and where its state lives (`ADAPTERS`, by family name), as do the
+adapters of transformers' other recurrent and hybrid ports (Falcon-Mamba, Mamba-2, Jamba, LFM2, xLSTM,
+RecurrentGemma), whose family names are the ports' model types.
 The blocks and the final norm are found by one rule for every causal LM (`decoder_and_blocks`,
 `find_final_norm`), not by family.
 Layers are named by block index 0..n_layers-1; "the residual stream after block l" is what block
@@ -173,6 +175,8 @@ class ModelAdapter:
 
     family: str | None = None
     has_recurrent_state = False  # True where the state is a fixed-size summary of the past (RNNs)
+    # Parts of the names of a block's time-mixing linear layers (LoRA's "attention" scope).
+    time_mixing: tuple[str, ...] = ("attn", "attention")
 
     def __init__(self, loaded: LoadedModel):
         # Frozen: stages that train (lenses, LoRA) add parameters of their own.
@@ -260,7 +264,7 @@ class ModelAdapter:
                 names += [
                     f"{block_name}.{name}"
                     for name, module in block.named_modules()
-                    if isinstance(module, nn.Linear) and (scope == "all" or "attn" in name or "attention" in name)
+                    if isinstance(module, nn.Linear) and (scope == "all" or any(p in name for p in self.time_mixing))
                 ]
         if not names:
             raise RuntimeError(f"no {scope} projections found in {type(self.blocks[0]).__name__}")
@@ -458,6 +462,11 @@ class ModelAdapter:
     def repeat_state(self, state, times: int):
         """A new state with each row repeated `times` times (row-major), e.g. one prefix, many runs."""
         raise NotImplementedError(f"{type(self).__name__} cannot repeat its state")
+
+    def stateful_layers(self) -> list[int]:
+        """The blocks that keep a fixed-size recurrent state (what state steering can steer): every
+        block of an RNN, none of a transformer, the recurrent ones of a hybrid."""
+        return list(range(self.n_layers)) if self.has_recurrent_state else []
 
     def state_tensors(self, state, layer: int) -> dict[str, torch.Tensor]:
         """The tensors that carry block `layer`'s memory of the past, by name. They are the state's
@@ -681,6 +690,205 @@ class RwkvAdapter(ModelAdapter):
         return state
 
 
+# ----- more transformers ports, each with its recurrent state where the port's cache holds it ---------
+class FalconMambaAdapter(MambaAdapter):
+    """Falcon-Mamba: Mamba's block and cache (its multi-token path ignores the cached state too)."""
+
+    family = "falcon_mamba"
+
+
+class CacheLayersAdapter(ModelAdapter):
+    """Ports whose `DynamicCache` keeps a fixed-size state in each recurrent layer's linear-attention
+    cache layer (`conv_states`, `recurrent_states`): Mamba-2, and the hybrids Jamba (Mamba layers)
+    and LFM2 (short-convolution layers). A hybrid's attention layers keep a growing key/value cache
+    instead: they have no state tensors (`stateful_layers` leaves them out) and no state steering."""
+
+    has_recurrent_state = True
+    state_argument = "past_key_values"  # the port's name for the cache, in its arguments and outputs
+    stepwise = False  # True where the port's multi-token path ignores a cached state
+
+    def _call(self, input_ids, attention_mask, state, use_cache, **extra):
+        if self.stepwise and state is not None and input_ids.shape[1] > 1:
+            logits = []
+            for step in range(input_ids.shape[1]):  # the recurrent form, step `step` steered there
+                with self._steered(offset=step):
+                    out = self._run(input_ids[:, step : step + 1], None, state, True)
+                logits.append(out.logits)
+            return _Output(logits=torch.cat(logits, dim=1), state=state)
+        return super()._call(input_ids, attention_mask, state, use_cache, **extra)
+
+    def _run(self, input_ids, attention_mask, state, use_cache, **extra):
+        cache = {self.state_argument: state}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **cache, **extra)
+
+    def _state_of(self, out):
+        return out.state if isinstance(out, _Output) else getattr(out, self.state_argument, None)
+
+    def stateful_layers(self):
+        from transformers.cache_utils import DynamicCache, LinearAttentionCacheLayerMixin
+
+        layers = DynamicCache(config=text_config(self.model)).layers  # the cache the port builds, empty
+        return [index for index, layer in enumerate(layers) if isinstance(layer, LinearAttentionCacheLayerMixin)]
+
+    def repeat_state(self, state, times):
+        from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
+
+        state = self.copy_state(state)
+        for cache_layer in state.layers:
+            if isinstance(cache_layer, LinearAttentionCacheLayerMixin):
+                for stored in (cache_layer.conv_states, cache_layer.recurrent_states):
+                    for index, tensor in stored.items():
+                        if tensor is not None:
+                            stored[index] = tensor.repeat_interleave(times, dim=0)
+            if isinstance(cache_layer, DynamicLayer):  # an attention layer's keys and values
+                DynamicLayer.batch_repeat_interleave(cache_layer, times)
+        return state
+
+    def state_tensors(self, state, layer):
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+        cache_layer = state.layers[layer]
+        if not isinstance(cache_layer, LinearAttentionCacheLayerMixin):
+            return {}  # an attention layer: its key/value cache is no fixed-size state
+        named = {"conv": cache_layer.conv_states[0], "ssm": cache_layer.recurrent_states[0]}
+        return {name: tensor for name, tensor in named.items() if tensor is not None}  # LFM2: conv only
+
+
+class Mamba2Adapter(CacheLayersAdapter):
+    family = "mamba2"
+    state_argument = "cache_params"
+
+    def lora_target_modules(self, scope="attention"):
+        # The mixer's input projection for either scope, as for Mamba (a Mamba-2 block has no MLP).
+        check_lora_scope(scope)
+        return ["in_proj"]
+
+
+class JambaAdapter(CacheLayersAdapter):
+    family = "jamba"
+    # Mamba layers: the projections the port calls as modules (it multiplies by dt_proj.weight itself).
+    time_mixing = ("attn", "mamba.in_proj", "mamba.x_proj")
+    stepwise = True  # its Mamba layers' multi-token path from a cache differs from the full pass by 1.5e-5
+
+
+class Lfm2Adapter(CacheLayersAdapter):
+    family = "lfm2"
+    time_mixing = ("attn", "conv.")  # the short-convolution blocks' projections
+
+
+@dataclass
+class _RecurrentGemmaState:
+    """RecurrentGemma's state: the port keeps its recurrent layers' state in the modules themselves
+    (set before each call, read after it) and returns no cache, so the adapter holds it here."""
+
+    cache: object  # the port's DynamicCache: the local-attention layers' sliding key/value window
+    seen: int  # tokens read so far: the next token's position
+    conv: dict  # recurrent layer -> (B, lru_width, conv1d_width - 1) last inputs of its convolution
+    rnn: dict  # recurrent layer -> (B, lru_width) RG-LRU state (float32)
+
+
+class RecurrentGemmaAdapter(CacheLayersAdapter):
+    """RecurrentGemma (Griffin): recurrent blocks (a short convolution, then the RG-LRU) and local
+    sliding-window attention blocks, whose key/value window is no state to steer."""
+
+    family = "recurrent_gemma"
+    time_mixing = ("temporal_block",)  # the recurrent and the local-attention blocks alike
+    stepwise = True  # the port treats every multi-token call as a prefill, restarting the convolution
+
+    def _temporal(self, layer):
+        return self.blocks[layer].temporal_block
+
+    def stateful_layers(self):
+        return [layer for layer in range(self.n_layers) if hasattr(self._temporal(layer), "rg_lru")]
+
+    def _run(self, input_ids, attention_mask, state, use_cache, **extra):
+        if not use_cache:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        from transformers.cache_utils import DynamicCache
+
+        rows, length = input_ids.shape
+        if state is None:
+            state = _RecurrentGemmaState(DynamicCache(config=text_config(self.model)), 0, {}, {})
+        for layer in self.stateful_layers():
+            temporal = self._temporal(layer)
+            if layer in state.conv:
+                temporal.conv1d_state, temporal.rg_lru.recurrent_states = state.conv[layer], state.rnn[layer]
+            else:  # a new state: the port's zero state
+                temporal._setup_cache(rows, input_ids.device, self.model.dtype)
+        # Positions given, as the cache's length would be that of layer 0, which may be recurrent.
+        positions = torch.arange(state.seen, state.seen + length, device=input_ids.device).expand(rows, -1)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=state.cache,
+            use_cache=True, **extra,
+        )  # fmt: skip
+        state.seen += length
+        for layer in self.stateful_layers():
+            temporal = self._temporal(layer)
+            state.conv[layer], state.rnn[layer] = temporal.conv1d_state, temporal.rg_lru.recurrent_states
+            temporal.conv1d_state = temporal.rg_lru.recurrent_states = None  # held by `state` alone
+        return _Output(logits=out.logits, state=state)
+
+    def repeat_state(self, state, times):
+        state = self.copy_state(state)
+        state.cache = super().repeat_state(state.cache, times)
+        for stored in (state.conv, state.rnn):
+            for layer, tensor in stored.items():
+                stored[layer] = tensor.repeat_interleave(times, dim=0)
+        return state
+
+    def state_tensors(self, state, layer):
+        if layer not in state.conv:
+            return {}  # a local-attention layer
+        return {"conv": state.conv[layer], "rnn": state.rnn[layer]}
+
+
+class XlstmAdapter(ModelAdapter):
+    """xLSTM (transformers' port, mLSTM blocks). Its `xLSTMCache` holds per layer the matrix memory
+    C, the normaliser n and the stabiliser m; C and n are stored divided by exp(m), a log-space form."""
+
+    family = "xlstm"
+    time_mixing = ("mlstm_layer",)
+    has_recurrent_state = True
+    STATE_NAMES = ("C", "n", "m")
+
+    def _run(self, input_ids, attention_mask, state, use_cache, **extra):
+        # The port takes no mask (right padding keeps real positions exact anyway).
+        return self.model(input_ids=input_ids, cache_params=state, use_cache=use_cache, **extra)
+
+    def _state_of(self, out):
+        return getattr(out, "cache_params", None)
+
+    def repeat_state(self, state, times):
+        state = self.copy_state(state)
+        state.rnn_state = {
+            layer: tuple(tensor.repeat_interleave(times, dim=0) for tensor in tensors)
+            for layer, tensors in state.rnn_state.items()
+        }
+        return state
+
+    def state_tensors(self, state, layer):
+        return dict(zip(self.STATE_NAMES, state.rnn_state[layer]))
+
+    def state_values(self, state, layer):
+        # C and n in their true units, C * exp(m) and n * exp(m) (float64, as exp(m) can pass float32's
+        # range); m is only the storage's scale. The readout divides q C by max(|q n|, exp(-m)), which
+        # is the same in either units.
+        stored = self.state_tensors(state, layer)
+        scale = stored["m"].double().exp()  # (B, heads, 1)
+        return {"C": stored["C"].double() * scale[..., None], "n": stored["n"].double() * scale}
+
+    def add_to_state(self, state, layer, deltas, scale=1.0):
+        stored = self.state_tensors(state, layer)
+        _check_delta_names(deltas, self.state_values(state, layer), layer)
+        inverse = (-stored["m"].double()).exp()
+        for name, delta in deltas.items():
+            target = stored[name]
+            units = inverse[..., None] if name == "C" else inverse
+            step = _row_scale(scale, units) * delta.to(target.device, torch.float64) * units
+            target.add_(step.to(target.dtype))
+        return state
+
+
 def mean_state_values(
     adapter: ModelAdapter, token_lists: list[list[int]], batch_size: int = 8
 ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, torch.dtype]]:
@@ -726,6 +934,12 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "transformer": TransformerAdapter,
     "mamba": MambaAdapter,
     "rwkv": RwkvAdapter,
+    "falcon_mamba": FalconMambaAdapter,
+    "mamba2": Mamba2Adapter,
+    "jamba": JambaAdapter,
+    "lfm2": Lfm2Adapter,
+    "xlstm": XlstmAdapter,
+    "recurrent_gemma": RecurrentGemmaAdapter,
 }
 
 

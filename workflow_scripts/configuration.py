@@ -195,6 +195,8 @@ def _check_steering(checked: dict) -> None:
                     f"config: {key} has {mode!r} for model {name!r}, but {problem}; "
                     f"allowed for it: ['residual'] (set steering.model_modes.{name}: [residual])"
                 )
+        key = f"steering.model_modes.{name}" if name in steering["model_modes"] else "steering.modes"
+        _check_state_layers(checked, name, key, steering_modes(checked, name), "steering.layers", steering["layers"])
 
 
 def _check_text_steering(checked: dict) -> None:
@@ -229,6 +231,25 @@ def _check_text_steering(checked: dict) -> None:
                 f"config: text_steering.modes has {state_modes[0]!r} and steers model {name!r}, but {problem}; "
                 "allowed for it: ['residual']"
             )
+        _check_state_layers(checked, name, "text_steering.modes", settings["modes"], "text_steering.layers", layers)
+
+
+def _check_state_layers(checked: dict, name: str, modes_key: str, modes: list, layers_key: str, layers) -> None:
+    """A state mode on a listed block of a hybrid that keeps no recurrent state (an attention block) is
+    refused; with layers 'all' the state modes steer the recurrent blocks only."""
+    state_modes = [mode for mode in modes if mode != "residual"]
+    if not state_modes or layers == "all":
+        return
+    spec = checked["models"][name]
+    stateless = family_traits.stateless_layers(spec, model_n_layers(name, spec)) or []
+    named = [layer for layer in layers if layer in stateless]
+    if named:
+        allowed = [layer for layer in range(model_n_layers(name, spec)) if layer not in stateless]
+        raise ConfigError(
+            f"config: {layers_key} = {layers} has {named[0]}, an attention block of model {name!r} "
+            f"({spec['family']}) with no recurrent state, and {modes_key} has {state_modes[0]!r}; allowed for its "
+            f"state modes: blocks {allowed} (or 'all', which steers the state in those only)"
+        )
 
 
 def _check_settings_across_keys(checked: dict) -> None:

@@ -21,3 +21,30 @@ def unreadable_state(spec: dict) -> str | None:
     if tiny is not None and tiny["model_type"] != "rwkv":
         return f"its model_type {tiny['model_type']!r} is not RWKV-4 ('rwkv'), the only RWKV state the adapter reads"
     return None
+
+
+# The hybrid families: a block's kind from its config (the ports' own rules and defaults), True where
+# the block keeps a fixed-size recurrent state (the others are attention blocks with a key/value cache).
+_RECURRENT_BLOCK = {
+    "jamba": lambda config, i: i % config.get("attn_layer_period", 8) != config.get("attn_layer_offset", 4),
+    "lfm2": lambda config, i: (
+        config["layer_types"][i] == "conv" if "layer_types" in config else i not in config.get("full_attn_idxs", [])
+    ),
+    "recurrent_gemma": lambda config, i: (
+        list(config.get("block_types", ("recurrent", "recurrent", "attention"))) * (i + 1)
+    )[i] == "recurrent",
+}  # fmt: skip
+
+
+def stateless_layers(spec: dict, n_layers: int) -> list[int] | None:
+    """The blocks of a hybrid model without a recurrent state (its attention blocks), read from the
+    config of a model built here; [] for a family whose every block (or none) has a state; None where
+    only the loaded model can tell (a hybrid from the hub: the sweep itself refuses such layers)."""
+    rule = _RECURRENT_BLOCK.get(spec["family"])
+    if rule is None:
+        return []
+    built_here = spec["source"].get("tiny") or spec["source"].get("trained")
+    if not built_here:
+        return None
+    config = built_here.get("config", {})
+    return [layer for layer in range(n_layers) if not rule(config, layer)]

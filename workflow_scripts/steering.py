@@ -184,6 +184,13 @@ def _check_sweep(adapter, items, mode, residual_vectors, state_deltas, layers, m
     if bad:
         raise ValueError(f"layers {bad} outside 0..{adapter.n_layers - 1}")
     if mode in ("state", "both"):
+        stateless = [layer for layer in layers if layer not in adapter.stateful_layers()]
+        if stateless:
+            raise ValueError(
+                f"mode {mode!r}: layers {stateless} of model {adapter.info.get('name')!r} have no recurrent state "
+                f"to steer (a hybrid's attention layers keep a key/value cache); layers with one: "
+                f"{adapter.stateful_layers()}"
+            )
         absent = [layer for layer in layers if layer not in state_deltas]
         if absent:
             raise ValueError(f"state_deltas have no entry for layers {absent}")
@@ -348,15 +355,19 @@ def sweep_variants(
     if len(modes) < len(settings["modes"]):
         log.info("model %s has no recurrent state: modes %s only", adapter.info.get("name"), modes)
     layers = list(range(adapter.n_layers)) if settings["layers"] == "all" else settings["layers"]
+    stateful = adapter.stateful_layers()
     tables = []
     variants = itertools.product(settings["vectors"], settings["formats"], settings["positions"], modes)
     for vector, answer_format, n_positions, mode in variants:
         if mode == "state" and vector != settings["vectors"][0]:
             continue
         items, labels = formats[answer_format]
+        # With layers "all", a hybrid's state is steered in its recurrent layers (others named are refused).
+        every = mode == "residual" or settings["layers"] != "all"
+        mode_layers = layers if every else [layer for layer in layers if layer in stateful]
         log.info("sweep: vector=%s format=%s positions=%d mode=%s", vector, answer_format, n_positions, mode)
         table = steering_sweep(
-            adapter, items, mode=mode, residual_vectors=residual[vector], state_deltas=state_deltas, layers=layers,
+            adapter, items, mode=mode, residual_vectors=residual[vector], state_deltas=state_deltas, layers=mode_layers,
             multipliers=settings["multipliers"], n_positions=n_positions, labels=labels, behavior=behavior,
             item_ids=[item["id"] for item in items], layers_per_pass=settings["layers_per_pass"],
         )  # fmt: skip

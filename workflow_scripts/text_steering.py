@@ -192,6 +192,12 @@ def continuation_sweep(
         raise ValueError(f"unknown positions {positions!r}; allowed: {list(POSITIONS)}")
     if mode != "residual" and not adapter.has_recurrent_state:
         raise ValueError(f"mode {mode!r}: model {adapter.info.get('name')!r} has no recurrent state to steer")
+    stateless = [layer for layer in layers if mode != "residual" and layer not in adapter.stateful_layers()]
+    if stateless:
+        raise ValueError(
+            f"mode {mode!r}: layers {stateless} of model {adapter.info.get('name')!r} have no recurrent state to "
+            f"steer (a hybrid's attention layers); layers with one: {adapter.stateful_layers()}"
+        )
     if not 2 <= prefix_tokens < tokens.shape[1]:
         raise ValueError(f"prefix_tokens={prefix_tokens}: needs 2 <= prefix_tokens < {tokens.shape[1]} (row length)")
     multiplier_row = torch.tensor([float(m) for m in multipliers])
@@ -250,6 +256,7 @@ def text_steering(adapter: ModelAdapter, passages: Sequence[dict], settings: dic
     if len(modes) < len(settings["modes"]):
         log.info("model %s has no recurrent state: modes %s only", adapter.info.get("name"), modes)
     layers = list(range(adapter.n_layers)) if settings["layers"] == "all" else list(settings["layers"])
+    stateful = adapter.stateful_layers()
 
     def of(kind, role):
         return [passage for passage in passages if passage["kind"] == kind and passage["role"] == role]
@@ -264,15 +271,19 @@ def text_steering(adapter: ModelAdapter, passages: Sequence[dict], settings: dic
     tables = []
     for vector in VECTORS:
         for mode in modes:
+            # With layers "all", a hybrid's state is steered in its recurrent layers (others named are refused).
+            every = mode == "residual" or settings["layers"] != "all"
+            mode_layers = layers if every else [layer for layer in layers if layer in stateful]
             for positions in settings["positions"]:
                 log.info("text steering: vector=%s mode=%s positions=%s", vector, mode, positions)
                 scores = continuation_sweep(
                     adapter, tokens, prefix, mode=mode, positions=positions, residual_vectors=vectors[vector][0],
-                    state_deltas=vectors[vector][1], layers=layers, multipliers=settings["multipliers"],
+                    state_deltas=vectors[vector][1], layers=mode_layers, multipliers=settings["multipliers"],
                     passages_per_pass=settings["passages_per_pass"], layers_per_pass=settings["layers_per_pass"],
                 )  # fmt: skip
                 index = pd.MultiIndex.from_product(
-                    [range(len(evaluation)), layers, settings["multipliers"]], names=["passage", "layer", "multiplier"]
+                    [range(len(evaluation)), mode_layers, settings["multipliers"]],
+                    names=["passage", "layer", "multiplier"],
                 )
                 table = pd.DataFrame({"logprob": scores.reshape(-1)}, index=index).reset_index()
                 tables.append(table.assign(vector=vector, mode=mode, positions=positions))
