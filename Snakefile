@@ -19,6 +19,7 @@ include: "rules/activations.smk"
 include: "rules/steering.smk"
 include: "rules/lens.smk"
 include: "rules/quirky.smk"
+include: "rules/sae.smk"
 include: "rules/figures.smk"
 
 
@@ -37,3 +38,4 @@ rule all:
         all_lens_figures(),
         all_quirky_figures(),
         all_training_figures(),
+        all_sae_figures(),
