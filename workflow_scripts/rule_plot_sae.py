@@ -5,7 +5,9 @@ import pandas as pd
 
 from workflow_scripts.atomic import atomic_path
 from workflow_scripts.jobs import start_job
-from workflow_scripts.sae_figures import plot_heatmaps, plot_max_correlations, plot_shift_curve, shift_table
+from workflow_scripts.sae_figures import (
+    plot_heatmaps, plot_max_correlations, plot_shift_curve, shift_table, shown_pairs,
+)  # fmt: skip
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 log = start_job(sm)
@@ -16,7 +18,7 @@ maxima = {pair: dict(np.load(path)) for pair, path in zip(pairs, sm.input.maxima
 shifts = shift_table(summary)
 plot_heatmaps(summary, pairs, sm.output.heatmaps)
 plot_max_correlations(summary, maxima, pairs, sm.params.ceiling, sm.params.floor, sm.output.distribution)
-plot_shift_curve(shifts, sm.output.shift)
+plot_shift_curve(shifts, shown_pairs(pairs, sm.params.ceiling, sm.params.floor), sm.output.shift)
 for table, path in ((metrics, sm.output.sae_table), (summary, sm.output.mppc_table), (shifts, sm.output.shift_table)):
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.5f")

@@ -28,6 +28,14 @@ def pair_label(model_a: str, model_b: str) -> str:
     return f"{model_a} vs {model_b}"
 
 
+def shown_pairs(pairs: list, ceiling, floor) -> list:
+    """The pairs drawn in the distribution and shift figures: the ceiling and floor pairs, and the
+    pairs of models that are not a baseline's second model (its second seed, its random twin)."""
+    baselines = [tuple(pair) for pair in (ceiling, floor) if pair]
+    extra = {pair[1] for pair in baselines}
+    return [pair for pair in pairs if pair in baselines or pair[::-1] in baselines or not extra & set(pair)]
+
+
 def shift_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Per pair and shift, the layer-matched MPPC: for each layer of model a, the MPPC (a's features
     against b's) of b's best-matching layer, averaged over a's layers; best_shift marks each pair's
@@ -76,7 +84,7 @@ def plot_max_correlations(summary, maxima, pairs, ceiling, floor, path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4))
     bins = np.linspace(0, 1, 41)
     roles = {tuple(ceiling or ()): ("ceiling", "black", "--"), tuple(floor or ()): ("floor", "grey", ":")}
-    for pair in pairs:
+    for pair in shown_pairs(pairs, ceiling, floor):
         role = roles.get(tuple(pair)) or roles.get(tuple(pair[::-1]))
         values, label = best_layer_maxima(summary, maxima, tuple(pair))
         style = {"color": role[1], "linestyle": role[2], "linewidth": 2} if role else {"linewidth": 1.3}
@@ -88,10 +96,10 @@ def plot_max_correlations(summary, maxima, pairs, ceiling, floor, path) -> None:
     save(figure, path)
 
 
-def plot_shift_curve(shifts: pd.DataFrame, path) -> None:
+def plot_shift_curve(shifts: pd.DataFrame, pairs: list, path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
-    for (model_a, model_b), rows in shifts.groupby(["model_a", "model_b"], sort=False):
-        rows = rows.sort_values("shift")
+    for model_a, model_b in pairs:
+        rows = shifts[(shifts.model_a == model_a) & (shifts.model_b == model_b)].sort_values("shift")
         axis.plot(rows["shift"], rows["layer_matched_mppc"], marker="o", label=pair_label(model_a, model_b))
         best = rows[rows.best_shift].iloc[0]
         axis.scatter([best["shift"]], [best["layer_matched_mppc"]], s=90, facecolors="none", edgecolors="black")
