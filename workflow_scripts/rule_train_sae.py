@@ -33,7 +33,7 @@ for layer in layers:
     coders[layer] = sae
     train_mean = train.mean(0)
     replacements[f"sae_{layer}"] = (layer, lambda x, sae=sae: reconstruct(sae, x))
-    replacements[f"mean_{layer}"] = (layer, lambda x, mean=train_mean: mean.expand_as(x))
+    replacements[f"mean_{layer}"] = (layer, lambda x, mean=train_mean: mean.to(x.device).expand_as(x))
     log.info("layer %d: %s", layer, metrics[-1])
 
 # The held-out windows' tokens, in the order of the latents (example, then position).

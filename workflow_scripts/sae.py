@@ -81,8 +81,8 @@ def train_sae(activations: torch.Tensor, *, expansion: int, k: int, steps: int, 
         tokens_since_fired[out.latent_indices.flatten().unique()] = 0
         if (step + 1) % log_every == 0 or step + 1 == steps:
             dead = int((tokens_since_fired > n_tokens).sum())
-            history.append({"step": step + 1, "fvu": float(out.fvu), "dead_latents": dead})
-            log.info("step %d/%d: fvu %.4f, %d latents silent for %d tokens", step + 1, steps, float(out.fvu),
+            history.append({"step": step + 1, "fvu": float(out.fvu.detach()), "dead_latents": dead})
+            log.info("step %d/%d: fvu %.4f, %d latents silent for %d tokens", step + 1, steps, history[-1]["fvu"],
                      dead, n_tokens)  # fmt: skip
     sae.set_decoder_norm_to_unit_norm()
     return sae.eval().requires_grad_(False), history
@@ -102,9 +102,10 @@ def encode(sae, activations: torch.Tensor, chunk: int = 4096) -> tuple[np.ndarra
 @torch.no_grad()
 def reconstruct(sae, activations: torch.Tensor) -> torch.Tensor:
     """The SAE's reconstruction of (..., d) activations (its decoder takes one row per token)."""
-    rows = activations.reshape(-1, activations.shape[-1]).to(sae.dtype)
+    rows = activations.reshape(-1, activations.shape[-1]).to(sae.device, sae.dtype)
     encoded = sae.encode(rows)
-    return sae.decode(encoded.top_acts, encoded.top_indices).to(activations.dtype).reshape(activations.shape)
+    rebuilt = sae.decode(encoded.top_acts, encoded.top_indices)
+    return rebuilt.to(activations.device, activations.dtype).reshape(activations.shape)
 
 
 def reconstruction_metrics(sae, activations: torch.Tensor, indices: np.ndarray) -> dict:

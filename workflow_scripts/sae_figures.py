@@ -72,8 +72,9 @@ def best_layer_maxima(summary: pd.DataFrame, maxima: dict, pair: tuple) -> tuple
         rows = summary[(summary.model_a == model_a) & (summary.model_b == model_b) & (summary["shift"] == 0)]
         if len(rows):
             best = rows.loc[rows[key].idxmax()]
-            values = maxima[(model_a, model_b)][f"{direction}_{best.layer_a}_{best.layer_b}_0"]
-            layers = (best.layer_a, best.layer_b) if direction == "a" else (best.layer_b, best.layer_a)
+            layer_a, layer_b = int(best.layer_a), int(best.layer_b)
+            values = maxima[(model_a, model_b)][f"{direction}_{layer_a}_{layer_b}_0"]
+            layers = (layer_a, layer_b) if direction == "a" else (layer_b, layer_a)
             return values[~np.isnan(values)], f"{pair[0]} L{layers[0]} vs {pair[1]} L{layers[1]}"
     raise KeyError(f"no comparison of {pair[0]} and {pair[1]}")
 
