@@ -238,3 +238,24 @@ def test_bad_sae_settings_are_refused_naming_key_and_value(change, expected):
         check_config(config)
     for part in expected:
         assert part in str(error.value), (part, str(error.value))
+
+
+def test_layer_matched_mppc_and_best_shift_are_those_of_a_loop():
+    from workflow_scripts.sae_figures import shift_table, shown_pairs
+
+    rng = np.random.default_rng(2)
+    rows = [
+        {"model_a": "x", "model_b": "y", "layer_a": la, "layer_b": lb, "shift": s, "mppc_a_to_b": rng.random()}
+        for la in range(3) for lb in range(2) for s in (-1, 0, 1)
+    ]  # fmt: skip
+    summary = pd.DataFrame(rows)
+    table = shift_table(summary).set_index("shift")
+    curve = {}
+    for s in (-1, 0, 1):
+        per_layer = [max(r["mppc_a_to_b"] for r in rows if r["shift"] == s and r["layer_a"] == la) for la in range(3)]
+        curve[s] = sum(per_layer) / 3
+        assert table.loc[s, "layer_matched_mppc"] == pytest.approx(curve[s])
+    assert table.index[table.best_shift].tolist() == [max(curve, key=curve.get)]
+    # Baselines' second models (a2, r) appear only in their own pair, in either order.
+    pairs = [("a", "b"), ("a2", "a"), ("a", "r"), ("b", "a2"), ("b", "r"), ("a2", "r"), ("b", "c")]
+    assert shown_pairs(pairs, ["a", "a2"], ["a", "r"]) == [("a", "b"), ("a2", "a"), ("a", "r"), ("b", "c")]
