@@ -20,6 +20,7 @@ include: "rules/steering.smk"
 include: "rules/text_steering.smk"
 include: "rules/lens.smk"
 include: "rules/quirky.smk"
+include: "rules/sae.smk"
 include: "rules/figures.smk"
 
 
@@ -39,3 +40,4 @@ rule all:
         all_quirky_figures(),
         all_training_figures(),
         all_text_steering_figures(),
+        all_sae_figures(),

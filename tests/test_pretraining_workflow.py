@@ -1,5 +1,6 @@
-"""The matched-models workflow at test size: tokenizer, three trained families, their training curves
-and the lenses on them, through Snakemake."""
+"""The matched-models workflow at test size: tokenizer, three trained families (and the transformer's
+two SAE baselines), their training curves, the lenses on them and the SAE feature comparison, through
+Snakemake."""
 
 import json
 
@@ -17,15 +18,20 @@ def test_trained_models_are_models_like_any_other(tmp_path_factory):
     result = snakemake(project, "--configfile", "configs/matched-test.yaml", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     curves = pd.read_csv(project / "reports/tables/pretraining/training.csv")
-    assert set(curves.model) == {"llama-trained", "mamba-trained", "rwkv-trained"}
+    trio = {"llama-trained", "mamba-trained", "rwkv-trained"}
+    assert set(curves.model) == trio | {"llama-trained-seed1", "llama-random"}
     for model, rows in curves.groupby("model"):
         rows = rows.sort_values("step")
-        assert rows.eval_loss.iloc[-1] < rows.eval_loss.iloc[0] - 0.5, model  # each learned
-        assert rows.tokens.iloc[-1] == 40 * 8 * 32  # the same budget for every family
         manifest = json.loads((project / f"data/models/{model}/manifest.json").read_text())
         assert manifest["training"]["final_eval_loss"] == pytest.approx(rows.eval_loss.iloc[-1], abs=1e-4)
+        if model == "llama-random":  # steps: 0, the seeded initialisation evaluated and saved
+            assert rows.step.tolist() == [0]
+            continue
+        assert rows.eval_loss.iloc[-1] < rows.eval_loss.iloc[0] - 0.5, model  # each learned
+        assert rows.tokens.iloc[-1] == 40 * 8 * 32  # the same budget for every family
     lens = pd.read_csv(project / "reports/tables/lens/ce_by_layer.csv")
-    assert set(lens.model) == set(curves.model)  # every stage runs on them unchanged
+    assert set(lens.model) == trio  # every stage runs on them unchanged
+    check_sae_outputs(project)
     assert (project / "reports/figures/pretraining/training_curves.png").stat().st_size > 0
     stats = json.loads((project / "data/tokenizers/docs-bpe/stats.json").read_text())
     assert stats["vocab_size"] == 512 and stats["train_documents"] > stats["eval_documents"] > 0
@@ -41,3 +47,21 @@ def test_trained_models_are_models_like_any_other(tmp_path_factory):
     assert len(summary) == 2 * (1 + 3 + 3)  # two position settings x (llama residual, 3 modes x 2 RNNs)
     again = snakemake(project, "--configfile", "configs/matched-test.yaml", "-n", "--quiet", "rules")
     assert "Nothing to be done" in again.stdout + again.stderr or "total" not in again.stdout
+
+
+def check_sae_outputs(project):
+    """The SAE stage on the same run: an SAE per model and block, every pair compared at every shift."""
+    metrics = pd.read_csv(project / "reports/tables/sae/sae_metrics.csv")
+    assert len(metrics) == 5 * 2 and metrics.n_latents.eq(2 * 32).all()
+    assert metrics.fvu.between(0, 1).all() and metrics.dead_latents.between(0, 64).all()
+    assert metrics.groupby("model").clean_loss.nunique().eq(1).all()  # one clean pass per model
+    similarity = pd.read_csv(project / "reports/tables/sae/mppc.csv")
+    assert len(similarity) == 10 * 2 * 2 * 3  # pairs x layer pairs x shifts
+    windows, length = 16, 32  # sae.eval_windows of seq_len tokens: a shift of one drops one token per window
+    assert dict(similarity.groupby("shift").tokens.first()) == {-1: windows * (length - 1), 0: windows * length,
+                                                                1: windows * (length - 1)}  # fmt: skip
+    assert similarity.mppc_a_to_b.between(-1, 1).all() and similarity.live_features_a_to_b.le(64).all()
+    shifts = pd.read_csv(project / "reports/tables/sae/shift.csv")
+    assert shifts.groupby(["model_a", "model_b"]).best_shift.sum().eq(1).all()
+    for figure in ("mppc_heatmaps", "max_correlations", "shift_curve"):
+        assert (project / f"reports/figures/sae/{figure}.png").stat().st_size > 0

@@ -392,11 +392,11 @@ class ModelAdapter:
     # ----- steering the residual stream --------------------------------------------------------
     @contextlib.contextmanager
     def add_to_block(self, layer: int, vector: torch.Tensor, positions: torch.Tensor | None = None):
-        """While active, add `vector` to block `layer`'s output: (D,) for every row or (B, D) per row,
-        at the (B, P) positions given (indices into the tokens of each forward call it meets, so a
-        call that continues from a state counts from its own first token), or everywhere when None.
-        It steers the adapter's own calls (`forward`, `residual_stream`, `last_token_logits`), each
-        through hooks of its own that are removed when the call returns."""
+        """While active, add `vector` to block `layer`'s output: (D,) for every row, (B, D) per row or
+        (B, P, D) per row and position, at the (B, P) positions given (indices into the tokens of each
+        forward call it meets, so a call that continues from a state counts from its own first token),
+        or everywhere when None. It steers the adapter's own calls (`forward`, `residual_stream`,
+        `last_token_logits`), each through hooks of its own that are removed when the call returns."""
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} outside 0..{self.n_layers - 1}")
         steering = _Steering(layer, vector.to(self.device, self.model.dtype), positions)
@@ -427,7 +427,7 @@ class ModelAdapter:
 
         def hook(_module, _inputs, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            row_vector = vector[row] if vector.dim() == 2 and row is not None else vector
+            row_vector = vector[row] if vector.dim() >= 2 and row is not None else vector
             row_positions = positions[row] if positions is not None and row is not None else positions
             # The vector is in residual-stream units; the block's raw output may be in others.
             delta = row_vector / self.output_scale(layer)

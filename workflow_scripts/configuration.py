@@ -162,7 +162,63 @@ def check_config(config: dict) -> dict:
     _check_steering(checked)
     _check_text_steering(checked)
     _check_settings_across_keys(checked)
+    _check_sae(checked)
     return _canonical(checked)
+
+
+def _check_sae(checked: dict) -> None:
+    """SAE models: known, trained here with one tokenizer (the same tokens through every model), layers
+    inside each, k no more than the latents; ceiling and floor name two of them; shift 0 compared."""
+    sae = checked["sae"]
+    models = sae["models"]
+    for name in models:
+        if name not in checked["models"]:
+            raise ConfigError(f"config: sae.models has {name!r}, not a model; allowed: {sorted(checked['models'])}")
+    if len(models) == 1:
+        raise ConfigError(f"config: sae.models = {models} has one model; features are compared between two or more")
+    tokenizers = {}
+    for name in models:
+        trained = checked["models"][name]["source"].get("trained")
+        if trained is None:
+            raise ConfigError(
+                f"config: sae.models has {name!r}, whose source is {sorted(checked['models'][name]['source'])[0]!r}; "
+                "allowed: models with source trained (their shared tokenizer's chunks are the shared token set)"
+            )
+        tokenizers[name] = trained["tokenizer"]
+    if len(set(tokenizers.values())) > 1:
+        first = models[0]
+        other = next(name for name in models if tokenizers[name] != tokenizers[first])
+        raise ConfigError(
+            f"config: sae.models has {first!r} (tokenizer {tokenizers[first]!r}) and {other!r} (tokenizer "
+            f"{tokenizers[other]!r}): models compared must share a tokenizer"
+        )
+    for name in models:
+        spec = checked["models"][name]
+        n_layers = model_n_layers(name, spec)
+        outside = [] if sae["layers"] == "all" else [layer for layer in sae["layers"] if layer >= n_layers]
+        if outside:
+            raise ConfigError(
+                f"config: sae.layers = {sae['layers']} has {outside[0]}, outside model {name!r} "
+                f"({n_layers} blocks: allowed 0..{n_layers - 1})"
+            )
+        hidden = spec["source"]["trained"]["config"].get("hidden_size")
+        if hidden is not None and sae["k"] > sae["expansion"] * hidden:
+            raise ConfigError(
+                f"config: sae.k = {sae['k']} is more than the {sae['expansion'] * hidden} latents of model {name!r} "
+                f"(sae.expansion {sae['expansion']} x hidden size {hidden}); allowed: 1..{sae['expansion'] * hidden}"
+            )
+    if models and 0 not in sae["shifts"]:
+        raise ConfigError(f"config: sae.shifts = {sae['shifts']} has no 0 (the aligned tokens); add 0")
+    for role in ("ceiling", "floor"):
+        pair = sae[role]
+        if pair is None:
+            continue
+        unknown = [name for name in pair if name not in models]
+        if unknown or pair[0] == pair[1]:
+            raise ConfigError(
+                f"config: sae.{role} = {pair} is not allowed; it must name two different models of sae.models "
+                f"{models}"
+            )
 
 
 def steering_modes(config: dict, model: str) -> list[str]:
