@@ -214,6 +214,10 @@ def load_model(spec: dict, name: str | None = None, model_dir: Path | None = Non
     body = spec["source"][kind]
     dtype = DTYPES[spec.get("dtype", "float32")]
     remote = bool(spec.get("trust_remote_code", False))
+    if spec["family"] == "rwkv-pkg":  # not a transformers model: the rwkv package loads it
+        from workflow_scripts.rwkv_package import load_rwkv_package
+
+        return load_rwkv_package(spec, name, model_dir)
     info = {
         "name": name, "family": spec["family"], "source": kind, "revision": None, "dtype": spec.get("dtype", "float32")
     }
@@ -301,7 +305,14 @@ def materialize(spec: dict, name: str, out_dir: Path) -> dict:
                 "model %s: revision %r is a branch or tag; pin it to commit %s", name, body["revision"], snapshot.name
             )
     elif kind == "local" and not Path(body["path"]).is_dir():
-        raise FileNotFoundError(f"model {name!r}: local path {body['path']!r} is not a directory")
+        if not (spec["family"] == "rwkv-pkg" and Path(body["path"]).is_file()):  # a .pth state dict
+            raise FileNotFoundError(f"model {name!r}: local path {body['path']!r} is not a directory")
+    if spec["family"] == "rwkv-pkg" and kind in ("hub", "local"):
+        from workflow_scripts.rwkv_package import prepare_checkpoint
+
+        # A Hugging Face layout is converted to the package's once, here, for every later job.
+        source = Path(resolved["snapshot"]) if kind == "hub" else Path(body["path"])
+        prepare_checkpoint(source, out_dir / "weights")
     manifest = {"name": name, "spec": spec, "resolved": resolved, "code_version": CODE_VERSION}
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     return manifest

@@ -1,0 +1,317 @@
+"""RWKV-5, 6 and 7 through the `rwkv` package (family rwkv-pkg): tiny random checkpoints of each version
+written here in the package's layout, checked against the package's own forward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from workflow_scripts.adapters import EMBEDDINGS, load_adapter
+from workflow_scripts.rwkv_package import hf_rwkv5_to_package, package_module
+
+VOCAB = 261  # the builtin byte tokenizer's size
+HIDDEN, HEADS, FFN, LAYERS = 32, 4, 64, 3
+VERSIONS = ("5.2", "6.0", "7.0")
+
+
+def _rand(generator, *shape, scale=0.3, shift=0.0):
+    return torch.randn(*shape, generator=generator) * scale + shift
+
+
+def _uniform(generator, *shape):
+    return torch.rand(*shape, generator=generator)
+
+
+def package_state_dict(version: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The keys and shapes the rwkv package reads for an RWKV-`version` checkpoint (as BlinkDL's
+    training code saves them: Linear weights (out, in), mixing coefficients (1, 1, D)), random."""
+    g = torch.Generator().manual_seed(seed)
+    c, h, n, f = HIDDEN, HEADS, HIDDEN // HEADS, FFN
+    w = {"emb.weight": _rand(g, VOCAB, c, scale=1.0)}
+    for i in range(LAYERS):
+        b = f"blocks.{i}."
+        if i == 0:
+            w[b + "ln0.weight"], w[b + "ln0.bias"] = _rand(g, c, scale=0.1, shift=1.0), _rand(g, c, scale=0.1)
+        for norm in ("ln1", "ln2"):
+            w[f"{b}{norm}.weight"], w[f"{b}{norm}.bias"] = _rand(g, c, scale=0.1, shift=1.0), _rand(g, c, scale=0.1)
+        att, ffn = b + "att.", b + "ffn."
+        if version == "5.2":
+            for name in ("k", "v", "r", "g"):
+                w[f"{att}time_mix_{name}"] = _uniform(g, 1, 1, c)
+            w[att + "time_decay"] = _rand(g, h, n, scale=0.5, shift=-0.5)
+            w[att + "time_faaaa"] = _rand(g, h, n, scale=0.3)
+        elif version == "6.0":
+            for name in ("x", "w", "k", "v", "r", "g"):
+                w[f"{att}time_maa_{name}"] = _uniform(g, 1, 1, c)
+            w[att + "time_maa_w1"], w[att + "time_maa_w2"] = _rand(g, c, 5 * 4, scale=0.1), _rand(g, 5, 4, c, scale=0.1)
+            w[att + "time_decay"] = _rand(g, 1, 1, c, scale=0.5, shift=-0.5)
+            w[att + "time_decay_w1"], w[att + "time_decay_w2"] = _rand(g, c, 8, scale=0.1), _rand(g, 8, c, scale=0.1)
+            w[att + "time_faaaa"] = _rand(g, h, n, scale=0.3)
+        if version in ("5.2", "6.0"):
+            for name in ("receptance", "key", "value", "gate", "output"):
+                w[f"{att}{name}.weight"] = _rand(g, c, c, scale=c**-0.5)
+            w[att + "ln_x.weight"], w[att + "ln_x.bias"] = _rand(g, c, scale=0.1, shift=1.0), _rand(g, c, scale=0.1)
+            mix = "time_mix" if version == "5.2" else "time_maa"
+            w[f"{ffn}{mix}_k"], w[f"{ffn}{mix}_r"] = _uniform(g, 1, 1, c), _uniform(g, 1, 1, c)
+            w[ffn + "key.weight"], w[ffn + "receptance.weight"] = _rand(g, f, c, scale=c**-0.5), _rand(g, c, c)
+            w[ffn + "value.weight"] = _rand(g, c, f, scale=f**-0.5)
+        else:  # 7.0
+            for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
+                w[att + name] = _uniform(g, 1, 1, c)
+            w[att + "w0"] = _rand(g, 1, 1, c, scale=0.5, shift=-0.5)
+            low_rank = {"w": 8, "a": 8, "v": 4, "g": 8}
+            for name, rank in low_rank.items():
+                if name == "v" and i == 0:
+                    continue  # block 0 has no value residual
+                w[f"{att}{name}1"], w[f"{att}{name}2"] = _rand(g, c, rank, scale=0.2), _rand(g, rank, c, scale=0.2)
+                if name in ("a", "v"):
+                    w[f"{att}{name}0"] = _rand(g, 1, 1, c, scale=0.3)
+            w[att + "k_k"], w[att + "k_a"] = _rand(g, 1, 1, c, scale=0.1, shift=0.8), _uniform(g, 1, 1, c)
+            w[att + "r_k"] = _rand(g, h, n, scale=0.3)
+            for name in ("receptance", "key", "value", "output"):
+                w[f"{att}{name}.weight"] = _rand(g, c, c, scale=c**-0.5)
+            w[att + "ln_x.weight"], w[att + "ln_x.bias"] = _rand(g, c, scale=0.1, shift=1.0), _rand(g, c, scale=0.1)
+            w[ffn + "x_k"] = _uniform(g, 1, 1, c)
+            w[ffn + "key.weight"], w[ffn + "value.weight"] = _rand(g, f, c, scale=c**-0.5), _rand(g, c, f, scale=f**-0.5)
+    w["ln_out.weight"], w["ln_out.bias"] = _rand(g, c, scale=0.1, shift=1.0), _rand(g, c, scale=0.1)
+    w["head.weight"] = _rand(g, VOCAB, c, scale=c**-0.5)
+    return w
+
+
+def spec_of(path) -> dict:
+    return {"family": "rwkv-pkg", "source": {"local": {"path": str(path)}}, "tokenizer": {"builtin_bytes": {}}}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rwkv-pkg")
+    paths = {}
+    for version in VERSIONS:
+        paths[version] = root / f"rwkv-{version}.pth"
+        torch.save(package_state_dict(version), paths[version])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def adapters(checkpoints):
+    return {version: load_adapter(spec_of(path), f"rwkv-{version}") for version, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    """The package's own model objects (its forward runs the whole sequence in its own loop)."""
+    loaded = {}
+    for version, path in checkpoints.items():
+        if version == "7.0":
+            loaded[version] = package_module(v7=True).RWKV_x070(str(path).removesuffix(".pth"), "cpu fp32")
+        else:
+            loaded[version] = package_module().RWKV(str(path), "cpu fp32", verbose=False)
+    return loaded
+
+
+TOKENS = [[17, 80, 3, 250, 41, 9, 128, 66], [5, 200, 31, 31, 77, 140, 2, 99]]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_detects_the_version_and_shapes(adapters, version):
+    adapter = adapters[version]
+    assert adapter.model.sub_version == float(version)
+    assert (adapter.n_layers, adapter.hidden_size) == (LAYERS, HIDDEN)
+    _, state = adapter.forward(torch.tensor(TOKENS), use_cache=True)
+    n = HIDDEN // HEADS
+    shapes = {name: tuple(t.shape) for name, t in adapter.state_values(state, 1).items()}
+    assert shapes == {"att_shift": (2, HIDDEN), "wkv": (2, HEADS, n, n), "ffn_shift": (2, HIDDEN)}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_logits_equal_the_package_forward(adapters, references, version):
+    logits, _ = adapters[version].forward(torch.tensor(TOKENS))
+    for row, tokens in enumerate(TOKENS):
+        expected, _ = references[version].forward(tokens, None, full_output=True)
+        torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_prefix_then_continuation_equals_full_pass(adapters, references, version):
+    adapter = adapters[version]
+    ids = torch.tensor(TOKENS)
+    full, full_state = adapter.forward(ids, use_cache=True)
+    _, state = adapter.forward(ids[:, :5], use_cache=True)
+    rest, state = adapter.forward(ids[:, 5:], state=state)
+    torch.testing.assert_close(rest, full[:, 5:], atol=1e-5, rtol=1e-5)
+    # The state after the prefix is the package's own state after those tokens, token by token.
+    _, prefix_state = adapter.forward(ids[:1, :5], use_cache=True)
+    reference_state = None
+    for token in TOKENS[0][:5]:
+        _, reference_state = references[version].forward([token], reference_state)
+    for layer in range(LAYERS):
+        values = adapter.state_values(prefix_state, layer)
+        for slot, name in enumerate(("att_shift", "wkv", "ffn_shift")):
+            torch.testing.assert_close(values[name][0], reference_state[3 * layer + slot], atol=1e-5, rtol=1e-5)
+    for layer in range(LAYERS):
+        for name in ("att_shift", "wkv", "ffn_shift"):
+            torch.testing.assert_close(state[layer][name], full_state[layer][name], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_state_steering_equals_adding_to_the_package_state_by_hand(adapters, references, version):
+    """Two rows from one prefix state, each with its own multiplier, a delta added to every state
+    tensor of one layer before each of the last three tokens: as the package's own token-by-token
+    loop with the delta added to its state list by hand."""
+    adapter, reference = adapters[version], references[version]
+    tokens, layer, n_last = TOKENS[0], 1, 3
+    g = torch.Generator().manual_seed(1)
+    n = HIDDEN // HEADS
+    deltas = {"att_shift": torch.randn(HIDDEN, generator=g), "wkv": torch.randn(HEADS, n, n, generator=g),
+              "ffn_shift": torch.randn(HIDDEN, generator=g)}  # fmt: skip
+    multipliers = torch.tensor([1.5, -0.5])
+    ids = torch.tensor([tokens])
+    _, prefix = adapter.forward(ids[:, :-n_last], use_cache=True)
+    state = adapter.repeat_state(prefix, 2)
+    steered = []
+    for step in range(len(tokens) - n_last, len(tokens)):
+        adapter.add_to_state(state, layer, deltas, scale=multipliers)
+        logits, _ = adapter.forward(ids[:, step : step + 1].expand(2, 1), state=state)
+        steered.append(logits[:, -1])
+    for row, multiplier in enumerate(multipliers.tolist()):
+        ref_state = None
+        for token in tokens[:-n_last]:
+            _, ref_state = reference.forward([token], ref_state)
+        for position, token in enumerate(tokens[-n_last:]):
+            for slot, name in enumerate(("att_shift", "wkv", "ffn_shift")):
+                ref_state[3 * layer + slot] = ref_state[3 * layer + slot] + multiplier * deltas[name]
+            expected, ref_state = reference.forward([token], ref_state)
+            torch.testing.assert_close(steered[position][row], expected, atol=1e-5, rtol=1e-5)
+    unsteered, _ = adapter.forward(ids)
+    assert (steered[-1][0] - unsteered[0, -1]).abs().max() > 1e-3  # the delta did change something
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_residual_steering_equals_adding_to_the_block_output_by_hand(adapters, version):
+    """add_to_block(l) at one position per row equals running the blocks one by one here, adding the
+    vector to block l's output at that position, then the package's final norm and head by hand."""
+    adapter = adapters[version]
+    model, layer = adapter.model, 1
+    ids = torch.tensor(TOKENS)
+    g = torch.Generator().manual_seed(2)
+    vectors = torch.randn(2, HIDDEN, generator=g)
+    positions = torch.tensor([[3], [6]])
+    with adapter.add_to_block(layer, vectors, positions=positions):
+        steered, _ = adapter.forward(ids)
+    hidden = model.w["emb.weight"][ids]
+    state, lengths = model.zero_state(2), [ids.shape[1]] * 2
+    v_first = torch.empty_like(hidden)
+    for index, block in enumerate(model.blocks):
+        hidden, _, v_first = block(hidden, state[index], lengths, v_first)
+        if index == layer:
+            hidden = hidden.clone()
+            for row in range(2):
+                hidden[row, positions[row, 0]] += vectors[row]
+    normed = torch.nn.functional.layer_norm(hidden, (HIDDEN,), model.w["ln_out.weight"], model.w["ln_out.bias"])
+    head = model.w["head.weight"]  # the package's (D, V) head
+    expected = normed @ (head if head.shape[0] == HIDDEN else head.t())
+    torch.testing.assert_close(steered, expected, atol=1e-5, rtol=1e-5)
+    plain, _ = adapter.forward(ids)
+    torch.testing.assert_close(steered[0, :3], plain[0, :3])  # before the steered position: unchanged
+    assert (steered[0, 3] - plain[0, 3]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_last_block_stream_through_the_lens_is_the_package_logits(adapters, references, version):
+    adapter = adapters[version]
+    ids = torch.tensor(TOKENS)
+    batch = adapter.batch(TOKENS)
+    positions = torch.arange(ids.shape[1]).expand(2, -1)
+    streams, logits = adapter.residual_stream(batch, positions, layers=[EMBEDDINGS, LAYERS - 1])
+    assert streams.shape == (2, 2, ids.shape[1], HIDDEN)
+    for row, tokens in enumerate(TOKENS):
+        expected, _ = references[version].forward(tokens, None, full_output=True)
+        torch.testing.assert_close(adapter.logits_from_stream(streams[1, row]), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
+    # The embeddings row is block 0's input: the embedding after the package's ln0.
+    raw = package_state_dict(version)
+    embedded = torch.nn.functional.layer_norm(
+        raw["emb.weight"][ids], (HIDDEN,), raw["blocks.0.ln0.weight"], raw["blocks.0.ln0.bias"]
+    )
+    torch.testing.assert_close(streams[0], embedded, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_right_padded_rows_keep_their_own_state(adapters, version):
+    adapter = adapters[version]
+    short, long = TOKENS[0][:5], TOKENS[1]
+    batch = adapter.batch([short, long])
+    logits, state = adapter.forward(batch.input_ids, batch.attention_mask, use_cache=True)
+    alone_logits, alone_state = adapter.forward(torch.tensor([short]), use_cache=True)
+    torch.testing.assert_close(logits[0, :5], alone_logits[0], atol=1e-5, rtol=1e-5)
+    for layer in range(LAYERS):
+        for name, tensor in adapter.state_tensors(state, layer).items():
+            torch.testing.assert_close(tensor[0], alone_state[layer][name][0], atol=1e-5, rtol=1e-5)
+    copied = adapter.copy_state(state)
+    adapter.add_to_state(copied, 0, {"wkv": torch.ones(HEADS, HIDDEN // HEADS, HIDDEN // HEADS)})
+    assert not torch.equal(copied[0]["wkv"], state[0]["wkv"])
+
+
+def test_last_token_logits_keep_only_the_last_positions(adapters):
+    adapter = adapters["5.2"]
+    batch = adapter.batch([TOKENS[0][:4], TOKENS[1]])
+    full, _ = adapter.forward(batch.input_ids, batch.attention_mask)
+    last = adapter.last_token_logits(batch)
+    torch.testing.assert_close(last, torch.stack([full[0, 3], full[1, -1]]))
+
+
+def test_steering_sweep_runs_state_and_both(adapters):
+    """The steering stage on an RWKV-5 from the package: state vectors, then a sweep in each mode."""
+    from workflow_scripts import steering
+
+    adapter = adapters["5.2"]
+    deltas = steering.state_vectors(adapter, ["ab", "xyz"], ["cd", "uvw"], batch_size=2)
+    assert set(deltas[0]) == {"att_shift", "wkv", "ffn_shift"}
+    items = [{"question": "Pick one (A) yes (B) no", "answer_matching_behavior": "(A)",
+              "answer_not_matching_behavior": "(B)"}]  # fmt: skip
+    vectors = torch.randn(LAYERS, HIDDEN)
+    for mode in ("residual", "state", "both"):
+        frame = steering.steering_sweep(
+            adapter, items, mode=mode, residual_vectors=vectors, state_deltas=deltas, layers=[0, 2],
+            multipliers=[-1.0, 0.0, 1.0], behavior="test", chat=False,
+        )  # fmt: skip
+        assert len(frame) == 6 and frame["p_matching"].between(0, 1).all()
+
+
+def test_hf_rwkv5_layout_converts_to_the_package_layout(tmp_path, adapters):
+    """A tiny RWKV-5 written in the Hugging Face remote code's layout (its key names and shapes) is
+    read as the same model as the one written in the package's layout."""
+    from safetensors.torch import save_file
+
+    package = package_state_dict("5.2")
+    hf = {"rwkv.embeddings.weight": package["emb.weight"], "head.weight": package["head.weight"],
+          "rwkv.ln_out.weight": package["ln_out.weight"], "rwkv.ln_out.bias": package["ln_out.bias"],
+          "rwkv.blocks.0.pre_ln.weight": package["blocks.0.ln0.weight"],
+          "rwkv.blocks.0.pre_ln.bias": package["blocks.0.ln0.bias"]}  # fmt: skip
+    hf_names = {"attention.time_mix_key": "att.time_mix_k", "attention.time_mix_value": "att.time_mix_v",
+                "attention.time_mix_receptance": "att.time_mix_r", "attention.time_mix_gate": "att.time_mix_g",
+                "attention.time_decay": "att.time_decay", "attention.time_faaaa": "att.time_faaaa",
+                "attention.key.weight": "att.key.weight", "attention.value.weight": "att.value.weight",
+                "attention.receptance.weight": "att.receptance.weight", "attention.gate.weight": "att.gate.weight",
+                "attention.output.weight": "att.output.weight", "attention.ln_x.weight": "att.ln_x.weight",
+                "attention.ln_x.bias": "att.ln_x.bias", "feed_forward.time_mix_key": "ffn.time_mix_k",
+                "feed_forward.time_mix_receptance": "ffn.time_mix_r", "feed_forward.key.weight": "ffn.key.weight",
+                "feed_forward.value.weight": "ffn.value.weight",
+                "feed_forward.receptance.weight": "ffn.receptance.weight", "ln1.weight": "ln1.weight",
+                "ln1.bias": "ln1.bias", "ln2.weight": "ln2.weight", "ln2.bias": "ln2.bias"}  # fmt: skip
+    for layer in range(LAYERS):
+        for hf_name, package_name in hf_names.items():
+            hf[f"rwkv.blocks.{layer}.{hf_name}"] = package[f"blocks.{layer}.{package_name}"].clone()
+    assert hf_rwkv5_to_package(hf).keys() == package.keys()
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({key: value.contiguous() for key, value in hf.items()}, folder / "model.safetensors")
+    spec = copy.deepcopy(spec_of(folder))
+    converted = load_adapter(spec, "rwkv-5-hf", model_dir=tmp_path / "weights")
+    assert (tmp_path / "weights" / "model.pth").is_file()
+    ids = torch.tensor(TOKENS)
+    torch.testing.assert_close(converted.forward(ids)[0], adapters["5.2"].forward(ids)[0])
+    with pytest.raises(ValueError, match="unexpected key"):
+        hf_rwkv5_to_package({**hf, "rwkv.extra.weight": torch.zeros(1)})
