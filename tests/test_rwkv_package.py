@@ -74,7 +74,8 @@ def package_state_dict(version: str, seed: int = 0) -> dict[str, torch.Tensor]:
                 w[f"{att}{name}.weight"] = _rand(g, c, c, scale=c**-0.5)
             w[att + "ln_x.weight"], w[att + "ln_x.bias"] = _rand(g, c, scale=0.1, shift=1.0), _rand(g, c, scale=0.1)
             w[ffn + "x_k"] = _uniform(g, 1, 1, c)
-            w[ffn + "key.weight"], w[ffn + "value.weight"] = _rand(g, f, c, scale=c**-0.5), _rand(g, c, f, scale=f**-0.5)
+            w[ffn + "key.weight"] = _rand(g, f, c, scale=c**-0.5)
+            w[ffn + "value.weight"] = _rand(g, c, f, scale=f**-0.5)
     w["ln_out.weight"], w["ln_out.bias"] = _rand(g, c, scale=0.1, shift=1.0), _rand(g, c, scale=0.1)
     w["head.weight"] = _rand(g, VOCAB, c, scale=c**-0.5)
     return w
