@@ -4,12 +4,18 @@ written here in the package's layout, checked against the package's own forward.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 
+import tests.test_activations as activation_checks
+import tests.test_adapters as adapter_checks
+import tests.test_lens as lens_checks
 from workflow_scripts.adapters import EMBEDDINGS, load_adapter
-from workflow_scripts.rwkv_package import hf_rwkv5_to_package, package_module
+from workflow_scripts.corpus import python_reference_texts
+from workflow_scripts.lens import build_corpus
+from workflow_scripts.rwkv_package import hf_rwkv5_to_package, package_module, quiet_loading
 
 VOCAB = 261  # the builtin byte tokenizer's size
 HIDDEN, HEADS, FFN, LAYERS = 32, 4, 64, 3
@@ -105,10 +111,12 @@ def references(checkpoints):
     """The package's own model objects (its forward runs the whole sequence in its own loop)."""
     loaded = {}
     for version, path in checkpoints.items():
-        if version == "7.0":
-            loaded[version] = package_module(v7=True).RWKV_x070(str(path).removesuffix(".pth"), "cpu fp32")
-        else:
-            loaded[version] = package_module().RWKV(str(path), "cpu fp32", verbose=False)
+        module = package_module(v7=version == "7.0")
+        with quiet_loading(module):
+            if version == "7.0":
+                loaded[version] = module.RWKV_x070(str(path).removesuffix(".pth"), "cpu fp32")
+            else:
+                loaded[version] = module.RWKV(str(path), "cpu fp32", verbose=False)
     return loaded
 
 
@@ -316,3 +324,68 @@ def test_hf_rwkv5_layout_converts_to_the_package_layout(tmp_path, adapters):
     torch.testing.assert_close(converted.forward(ids)[0], adapters["5.2"].forward(ids)[0])
     with pytest.raises(ValueError, match="unexpected key"):
         hf_rwkv5_to_package({**hf, "rwkv.extra.weight": torch.zeros(1)})
+
+
+# ----- the checks every family passes (tests/test_adapters.py, test_activations.py, test_lens.py) ----------
+ADAPTER_CONTRACT = [
+    adapter_checks.test_last_token_logits_equal_the_full_forward_at_each_rows_end,
+    adapter_checks.test_steering_hook_adds_exactly_and_is_removed,
+    adapter_checks.test_copied_state_is_independent,
+    adapter_checks.test_repeated_state_with_per_row_steering_equals_separate_runs,
+    adapter_checks.test_add_to_state_scales_per_row,
+    adapter_checks.test_prompt_builder_leaves_assistant_turn_open,
+    functools.partial(adapter_checks.test_running_on_from_state_equals_full_sequence, rows=3),
+]
+
+
+# RWKV-5 and 7 (RWKV-6 differs from RWKV-5 only inside its blocks, checked against the package above).
+@pytest.mark.parametrize("version", ["5.2", "7.0"])
+@pytest.mark.parametrize("check", ADAPTER_CONTRACT, ids=lambda check: getattr(check, "func", check).__name__[5:])
+def test_the_adapter_checks_of_every_family(adapters, version, check):
+    check(adapters[version])
+
+
+# Extraction and the lens use the adapter only, whatever the version (whose differences lie inside the
+# blocks, checked above against the package): one version each keeps these slower checks short.
+def test_extraction_equals_the_unbatched_residual_stream(adapters, tmp_path):
+    items = [{"id": f"q{i}", "prompt": "Is it so? " + "really " * i, "completion": "(", "label": i % 2,
+              "split": "train"} for i in range(5)]  # fmt: skip
+    prompts = activation_checks.write_prompts(tmp_path / "prompts.jsonl", items)
+    activation_checks.test_values_equal_unbatched_residual_stream(adapters["5.2"], prompts, tmp_path, "all")
+
+
+def test_lens_identities_and_training(adapters):
+    adapter = adapters["7.0"]
+    name = adapter.info["name"]
+    corpora = {name: build_corpus(
+        python_reference_texts(), adapter.encode, lens_checks.SEQ_LEN, n_train_tokens=16 * lens_checks.SEQ_LEN,
+        n_eval_tokens=4 * lens_checks.SEQ_LEN, seed=0, eos_token_id=adapter.tokenizer.eos_token_id,
+        source_name="pydoc_data",
+    )}  # fmt: skip
+    lens_checks.test_zero_translators_are_the_logit_lens_and_last_layer_is_the_model(adapter, corpora)
+    lens_checks.test_training_reduces_kl_and_keeps_the_model_frozen(adapter, corpora)
+
+
+def test_fp16_rescaling_is_undone_in_the_stream(checkpoints, adapters, monkeypatch):
+    """With the package's fp16 overflow guard on (halving the stream after every block here), the
+    residual stream, steering and the lens are in the units of the unrescaled model."""
+    monkeypatch.setenv("RWKV_RESCALE_LAYER", "1")
+    rescaled = load_adapter(spec_of(checkpoints["5.2"]), "rwkv-5.2-rescaled")
+    plain = adapters["5.2"]
+    assert rescaled.model.rescale_every == 1 and rescaled.output_scale(2) == 4.0
+    batch = plain.batch(TOKENS)
+    positions = torch.arange(len(TOKENS[0])).expand(2, -1)
+    streams, logits = rescaled.residual_stream(batch, positions)
+    expected_streams, expected_logits = plain.residual_stream(batch, positions)
+    # Equal up to the layer norms' epsilon, which a halved stream feels more (3e-4 here); a stream
+    # left in the halved units would be off by a factor of 2 to 4.
+    close = {"atol": 2e-3, "rtol": 0}
+    assert (streams[2] / rescaled.output_scale(2) - expected_streams[2]).abs().max() > 0.1
+    torch.testing.assert_close(streams, expected_streams, **close)
+    torch.testing.assert_close(logits, expected_logits, **close)
+    torch.testing.assert_close(rescaled.logits_from_stream(streams[-1]), expected_logits, **close)
+    vector = torch.randn(HIDDEN)
+    with rescaled.add_to_block(1, vector), plain.add_to_block(1, vector):
+        steered, expected = rescaled.forward(batch.input_ids)[0], plain.forward(batch.input_ids)[0]
+    assert (expected - plain.forward(batch.input_ids)[0]).abs().max() > 0.1
+    torch.testing.assert_close(steered, expected, **close)

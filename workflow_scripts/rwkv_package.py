@@ -178,6 +178,20 @@ def checkpoint_version(path: Path) -> int:
     return 4
 
 
+@contextlib.contextmanager
+def quiet_loading(module: types.ModuleType):
+    """The package loading a model without its prints and without its full garbage collections (one
+    per layer: 0.35 s each in a process holding transformers, most of a tiny model's load; a
+    state dict holds no reference cycles, so reference counting frees the same tensors)."""
+    collector = module.gc
+    module.gc = types.SimpleNamespace(collect=lambda: 0)
+    try:
+        with contextlib.redirect_stdout(None):
+            yield
+    finally:
+        module.gc = collector
+
+
 def _strategy(dtype: torch.dtype, device: str) -> str:
     return f"{device} " + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
@@ -224,7 +238,7 @@ class RwkvPackageModel(nn.Module):
         if self.version == 4:
             raise ValueError(f"{path} is an RWKV-4 checkpoint: use family 'rwkv' (transformers' port) for RWKV-4")
         module = package_module(v7=self.version == 7)
-        with contextlib.redirect_stdout(None):  # the package prints its loading plan
+        with quiet_loading(module):
             if self.version == 7:
                 rwkv = module.RWKV_x070(str(path).removesuffix(".pth"), _strategy(dtype, device))
                 weights = rwkv.z
@@ -261,6 +275,10 @@ class RwkvPackageModel(nn.Module):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.head
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The embedding table as block 0 reads it: the package applies ln0 to it when it loads."""
+        return nn.Embedding.from_pretrained(self.w["emb.weight"], freeze=True)
 
     def output_scale(self, layer: int) -> float:
         # With fp16 the package divides block b's output weights by 2**(b // rescale_every) and halves
