@@ -3,7 +3,6 @@ written here in the package's layout, checked against the package's own forward.
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import pytest
@@ -289,36 +288,43 @@ def test_steering_sweep_runs_state_and_both(adapters):
         assert len(frame) == 6 and frame["p_matching"].between(0, 1).all()
 
 
-def test_hf_rwkv5_layout_converts_to_the_package_layout(tmp_path, adapters):
-    """A tiny RWKV-5 written in the Hugging Face remote code's layout (its key names and shapes) is
-    read as the same model as the one written in the package's layout."""
+HF_RWKV5_NAMES = {  # the Hugging Face RWKV-5 remote code's block parameters: package name -> its name
+    "att.time_mix_k": "attention.time_mix_key", "att.time_mix_v": "attention.time_mix_value",
+    "att.time_mix_r": "attention.time_mix_receptance", "att.time_mix_g": "attention.time_mix_gate",
+    "att.time_decay": "attention.time_decay", "att.time_faaaa": "attention.time_faaaa",
+    "att.key.weight": "attention.key.weight", "att.value.weight": "attention.value.weight",
+    "att.receptance.weight": "attention.receptance.weight", "att.gate.weight": "attention.gate.weight",
+    "att.output.weight": "attention.output.weight", "att.ln_x.weight": "attention.ln_x.weight",
+    "att.ln_x.bias": "attention.ln_x.bias", "ffn.time_mix_k": "feed_forward.time_mix_key",
+    "ffn.time_mix_r": "feed_forward.time_mix_receptance", "ffn.key.weight": "feed_forward.key.weight",
+    "ffn.value.weight": "feed_forward.value.weight", "ffn.receptance.weight": "feed_forward.receptance.weight",
+    "ln1.weight": "ln1.weight", "ln1.bias": "ln1.bias", "ln2.weight": "ln2.weight", "ln2.bias": "ln2.bias",
+}  # fmt: skip
+
+
+def write_hf_rwkv5(folder, package):
+    """The package-layout weights `package` written as the Hugging Face RWKV-5 remote code saves them."""
     from safetensors.torch import save_file
 
-    package = package_state_dict("5.2")
     hf = {"rwkv.embeddings.weight": package["emb.weight"], "head.weight": package["head.weight"],
           "rwkv.ln_out.weight": package["ln_out.weight"], "rwkv.ln_out.bias": package["ln_out.bias"],
           "rwkv.blocks.0.pre_ln.weight": package["blocks.0.ln0.weight"],
           "rwkv.blocks.0.pre_ln.bias": package["blocks.0.ln0.bias"]}  # fmt: skip
-    hf_names = {"attention.time_mix_key": "att.time_mix_k", "attention.time_mix_value": "att.time_mix_v",
-                "attention.time_mix_receptance": "att.time_mix_r", "attention.time_mix_gate": "att.time_mix_g",
-                "attention.time_decay": "att.time_decay", "attention.time_faaaa": "att.time_faaaa",
-                "attention.key.weight": "att.key.weight", "attention.value.weight": "att.value.weight",
-                "attention.receptance.weight": "att.receptance.weight", "attention.gate.weight": "att.gate.weight",
-                "attention.output.weight": "att.output.weight", "attention.ln_x.weight": "att.ln_x.weight",
-                "attention.ln_x.bias": "att.ln_x.bias", "feed_forward.time_mix_key": "ffn.time_mix_k",
-                "feed_forward.time_mix_receptance": "ffn.time_mix_r", "feed_forward.key.weight": "ffn.key.weight",
-                "feed_forward.value.weight": "ffn.value.weight",
-                "feed_forward.receptance.weight": "ffn.receptance.weight", "ln1.weight": "ln1.weight",
-                "ln1.bias": "ln1.bias", "ln2.weight": "ln2.weight", "ln2.bias": "ln2.bias"}  # fmt: skip
     for layer in range(LAYERS):
-        for hf_name, package_name in hf_names.items():
+        for package_name, hf_name in HF_RWKV5_NAMES.items():
             hf[f"rwkv.blocks.{layer}.{hf_name}"] = package[f"blocks.{layer}.{package_name}"].clone()
-    assert hf_rwkv5_to_package(hf).keys() == package.keys()
-    folder = tmp_path / "hf"
     folder.mkdir()
-    save_file({key: value.contiguous() for key, value in hf.items()}, folder / "model.safetensors")
-    spec = copy.deepcopy(spec_of(folder))
-    converted = load_adapter(spec, "rwkv-5-hf", model_dir=tmp_path / "weights")
+    save_file(hf, folder / "model.safetensors")
+    return hf
+
+
+def test_hf_rwkv5_layout_converts_to_the_package_layout(tmp_path, adapters):
+    """A tiny RWKV-5 written in the Hugging Face remote code's layout (its key names and shapes) is
+    read as the same model as the one written in the package's layout."""
+    package = package_state_dict("5.2")
+    hf = write_hf_rwkv5(tmp_path / "hf", package)
+    assert hf_rwkv5_to_package(hf).keys() == package.keys()
+    converted = load_adapter(spec_of(tmp_path / "hf"), "rwkv-5-hf", model_dir=tmp_path / "weights")
     assert (tmp_path / "weights" / "model.pth").is_file()
     ids = torch.tensor(TOKENS)
     torch.testing.assert_close(converted.forward(ids)[0], adapters["5.2"].forward(ids)[0])
@@ -389,3 +395,24 @@ def test_fp16_rescaling_is_undone_in_the_stream(checkpoints, adapters, monkeypat
         steered, expected = rescaled.forward(batch.input_ids)[0], plain.forward(batch.input_ids)[0]
     assert (expected - plain.forward(batch.input_ids)[0]).abs().max() > 0.1
     torch.testing.assert_close(steered, expected, **close)
+
+
+def test_build_model_converts_once_and_jobs_load_the_converted_weights(tmp_path, adapters):
+    """build_model (materialize) on a Hugging Face RWKV-5 folder writes the package-layout weights
+    beside its manifest; a job's adapter (load_job_adapter) reads them, not the folder."""
+    from workflow_scripts.adapters import load_job_adapter
+    from workflow_scripts.model_sources import materialize
+
+    folder = tmp_path / "hf"
+    write_hf_rwkv5(folder, package_state_dict("5.2"))
+    spec = spec_of(folder)
+    materialize(spec, "rwkv-5-hf", tmp_path / "build")
+    converted = tmp_path / "build" / "weights" / "model.pth"
+    assert converted.is_file()
+    (folder / "model.safetensors").unlink()  # jobs read the converted weights only
+    adapter = load_job_adapter(spec, "rwkv-5-hf", tmp_path / "build" / "manifest.json")
+    ids = torch.tensor(TOKENS)
+    torch.testing.assert_close(adapter.forward(ids)[0], adapters["5.2"].forward(ids)[0])
+    pth_spec = spec_of(tmp_path / "build" / "weights" / "model.pth")  # a .pth source is used in place
+    materialize(pth_spec, "rwkv-5-pth", tmp_path / "build-pth")
+    assert not (tmp_path / "build-pth" / "weights").exists()
