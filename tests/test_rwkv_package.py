@@ -11,6 +11,7 @@ import torch
 import tests.test_activations as activation_checks
 import tests.test_adapters as adapter_checks
 import tests.test_lens as lens_checks
+import tests.test_steering as steering_checks
 from workflow_scripts.adapters import EMBEDDINGS, load_adapter
 from workflow_scripts.corpus import python_reference_texts
 from workflow_scripts.lens import build_corpus
@@ -270,24 +271,6 @@ def test_last_token_logits_keep_only_the_last_positions(adapters):
     torch.testing.assert_close(last, torch.stack([full[0, 3], full[1, -1]]))
 
 
-def test_steering_sweep_runs_state_and_both(adapters):
-    """The steering stage on an RWKV-5 from the package: state vectors, then a sweep in each mode."""
-    from workflow_scripts import steering
-
-    adapter = adapters["5.2"]
-    deltas = steering.state_vectors(adapter, ["ab", "xyz"], ["cd", "uvw"], batch_size=2)
-    assert set(deltas[0]) == {"att_shift", "wkv", "ffn_shift"}
-    items = [{"question": "Pick one (A) yes (B) no", "answer_matching_behavior": "(A)",
-              "answer_not_matching_behavior": "(B)"}]  # fmt: skip
-    vectors = torch.randn(LAYERS, HIDDEN)
-    for mode in ("residual", "state", "both"):
-        frame = steering.steering_sweep(
-            adapter, items, mode=mode, residual_vectors=vectors, state_deltas=deltas, layers=[0, 2],
-            multipliers=[-1.0, 0.0, 1.0], behavior="test", chat=False,
-        )  # fmt: skip
-        assert len(frame) == 6 and frame["p_matching"].between(0, 1).all()
-
-
 HF_RWKV5_NAMES = {  # the Hugging Face RWKV-5 remote code's block parameters: package name -> its name
     "att.time_mix_k": "attention.time_mix_key", "att.time_mix_v": "attention.time_mix_value",
     "att.time_mix_r": "attention.time_mix_receptance", "att.time_mix_g": "attention.time_mix_gate",
@@ -416,3 +399,37 @@ def test_build_model_converts_once_and_jobs_load_the_converted_weights(tmp_path,
     pth_spec = spec_of(tmp_path / "build" / "weights" / "model.pth")  # a .pth source is used in place
     materialize(pth_spec, "rwkv-5-pth", tmp_path / "build-pth")
     assert not (tmp_path / "build-pth" / "weights").exists()
+
+
+@pytest.fixture(scope="module")
+def sweep_vectors(adapters):
+    """Random residual vectors and state deltas about as large as the stream and the state (as
+    tests/test_steering.py makes them), for the RWKV-5 from the package."""
+    from workflow_scripts import steering
+
+    adapter = adapters["5.2"]
+    g = torch.Generator().manual_seed(0)
+    positives, negatives = steering.contrast_prompts(adapter, steering_checks.ITEMS)
+    scale = steering_checks.residual_activations(adapter, positives + negatives).norm(dim=-1).mean(0)
+    directions = torch.randn(adapter.n_layers, adapter.hidden_size, generator=g)
+    residual = directions / directions.norm(dim=-1, keepdim=True) * scale[:, None]
+    with torch.no_grad():
+        _, state = adapter.forward(torch.tensor([adapter.encode_prompt(positives[0])]), use_cache=True)
+    deltas = {
+        layer: {name: tensor[0].std() * torch.randn(tensor[0].shape, generator=g, dtype=tensor.dtype)
+                for name, tensor in adapter.state_values(state, layer).items()}
+        for layer in range(adapter.n_layers)
+    }  # fmt: skip
+    return {adapter.info["name"]: (residual, deltas)}
+
+
+def test_residual_sweep_equals_full_recomputation(adapters, sweep_vectors):
+    steering_checks.test_residual_sweep_equals_full_recomputation(adapters["5.2"], sweep_vectors, 3, 2)
+
+
+def test_both_sweep_equals_a_token_by_token_loop(adapters, sweep_vectors):
+    """Mode both, three steered tokens: the state delta before each, the residual vector at each."""
+    name = adapters["5.2"].info["name"]
+    steering_checks.test_state_sweep_equals_a_token_by_token_loop(
+        {name: adapters["5.2"]}, sweep_vectors, name, "both", 3, 1
+    )
