@@ -64,8 +64,6 @@ _DELETE = object()
          ["steering.model_modes.rwkv-tiny.0", "'sideways'", "both"]),
         (("extraction", "positions"), [0, -2], ["extraction.positions", "[0, -2]", "-1", "'last', 'all'"]),
         (("models", "rwkv-tiny", "family"), "rwkv-pkg", ["models.rwkv-tiny", "rwkv-pkg", "local or hub", "'tiny'"]),
-        (("models", "rwkv5"), {"family": "rwkv-pkg", "source": {"local": {"path": "m.pth"}}, "n_layers": 2},
-         ["models.rwkv5", ".pth", "'tokenizer'"]),
         (("models", "rwkv5"), {"family": "rwkv-pkg", "source": {"local": {"path": "m"}}, "n_layers": 2,
                                "format": "mamba_ssm"}, ["models.rwkv5", "'mamba_ssm'", "rwkv-pkg"]),
     ],

@@ -30,12 +30,12 @@ def _uniform(generator, *shape):
     return torch.rand(*shape, generator=generator)
 
 
-def package_state_dict(version: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def package_state_dict(version: str, seed: int = 0, vocab: int = VOCAB) -> dict[str, torch.Tensor]:
     """The keys and shapes the rwkv package reads for an RWKV-`version` checkpoint (as BlinkDL's
     training code saves them: Linear weights (out, in), mixing coefficients (1, 1, D)), random."""
     g = torch.Generator().manual_seed(seed)
     c, h, n, f = HIDDEN, HEADS, HIDDEN // HEADS, FFN
-    w = {"emb.weight": _rand(g, VOCAB, c, scale=1.0)}
+    w = {"emb.weight": _rand(g, vocab, c, scale=1.0)}
     for i in range(LAYERS):
         b = f"blocks.{i}."
         if i == 0:
@@ -83,7 +83,7 @@ def package_state_dict(version: str, seed: int = 0) -> dict[str, torch.Tensor]:
             w[ffn + "key.weight"] = _rand(g, f, c, scale=c**-0.5)
             w[ffn + "value.weight"] = _rand(g, c, f, scale=f**-0.5)
     w["ln_out.weight"], w["ln_out.bias"] = _rand(g, c, scale=0.1, shift=1.0), _rand(g, c, scale=0.1)
-    w["head.weight"] = _rand(g, VOCAB, c, scale=c**-0.5)
+    w["head.weight"] = _rand(g, vocab, c, scale=c**-0.5)
     return w
 
 
@@ -433,3 +433,25 @@ def test_both_sweep_equals_a_token_by_token_loop(adapters, sweep_vectors):
     steering_checks.test_state_sweep_equals_a_token_by_token_loop(
         {name: adapters["5.2"]}, sweep_vectors, name, "both", 3, 1
     )
+
+
+def test_a_pth_without_tokenizer_entry_uses_the_world_tokenizer(tmp_path):
+    """BlinkDL's .pth checkpoints come without a tokenizer: the World vocabulary the package ships."""
+    from workflow_scripts.model_sources import load_model_tokenizer
+
+    path = tmp_path / "world.pth"
+    torch.save(package_state_dict("7.0", vocab=65536), path)
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}Assistant:"
+    spec = {"family": "rwkv-pkg", "source": {"local": {"path": str(path)}}, "chat_template": template}
+    adapter = load_adapter(spec, "world")
+    text = "Hello, world! Ünïcode 日本"
+    ids = adapter.encode(text)
+    assert max(ids) < 65536 and len(ids) < len(text.encode())  # words, not bytes
+    assert adapter.tokenizer.decode(ids) == text and adapter.encode_prompt(text) == ids
+    # One token can end inside a UTF-8 character: decoded alone it is replaced, not an error.
+    assert "\ufffd" in "".join(adapter.tokenizer.decode([i]) for i in adapter.encode("\U0001f99c"))
+    assert adapter.tokenizer.decode([0, *ids], skip_special_tokens=True) == text
+    assert adapter.build_prompt("Hi?", " (") == "user: Hi?\n\nAssistant: ("
+    logits, _ = adapter.forward(torch.tensor([ids]))
+    assert logits.shape == (1, len(ids), 65536)
+    assert load_model_tokenizer(spec).encode(text) == ids

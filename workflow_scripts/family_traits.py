@@ -36,8 +36,6 @@ def unloadable(spec: dict) -> str | None:
         return f"family {RWKV_PACKAGE} loads source local or hub (a .pth or a Hugging Face RWKV-5 folder), not {kind!r}"
     if spec.get("format", "transformers") != "transformers":
         return f"format {spec['format']!r} does not apply to family {RWKV_PACKAGE} (the layout is read from the keys)"
-    if kind == "local" and spec["source"]["local"]["path"].endswith(".pth") and "tokenizer" not in spec:
-        return "a .pth checkpoint has no tokenizer: set 'tokenizer' (e.g. hub or local) in its entry"
     return None
 
 

@@ -198,6 +198,10 @@ def load_model_tokenizer(spec: dict, model_dir: Path | None = None):
         tokenizer = load_tokenizer(spec["tokenizer"], bool(spec.get("trust_remote_code")))
     elif kind in ("tiny", "trained") or (kind == "gguf" and model_dir and (Path(model_dir) / "config.json").is_file()):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)  # saved by build_model
+    elif spec["family"] == "rwkv-pkg" and kind == "local" and Path(spec["source"]["local"]["path"]).is_file():
+        from workflow_scripts.rwkv_package import WorldTokenizer
+
+        tokenizer = WorldTokenizer()  # a .pth checkpoint of the rwkv package: the World tokenizer
     else:
         tokenizer = load_tokenizer({kind: spec["source"][kind]}, bool(spec.get("trust_remote_code")))
     if "chat_template" in spec:

@@ -390,6 +390,50 @@ def source_config(path: Path) -> dict:
     return json.loads(kept.read_text()) if kept.is_file() else {}
 
 
+class WorldTokenizer:
+    """The RWKV "World" tokenizer (rwkv_vocab_v20230424, which RWKV-5/6/7 World models use) as the
+    package ships it (TRIE_TOKENIZER: greedy longest match over byte strings), with the few methods of
+    a transformers tokenizer the stages call. Written here because the package's tokenizer has no
+    transformers interface and its vocabulary is no BPE the tokenizers library could rebuild. Token 0
+    is the end of a document (no entry in the vocabulary file)."""
+
+    eos_token = pad_token = "<|endoftext|>"
+    eos_token_id = pad_token_id = 0
+    model_max_length = int(1e30)  # a recurrent model: no limit (transformers' value for "none")
+
+    def __init__(self, chat_template: str | None = None):
+        from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+        self.trie = TRIE_TOKENIZER(str(Path(package_module().__file__).parent / "rwkv_vocab_v20230424.txt"))
+        self.chat_template = chat_template
+
+    def __len__(self) -> int:
+        return max(self.trie.idx2token) + 1
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": self.encode(text)}  # World models take no special tokens around a text
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.trie.encode(text)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        pieces = [self.trie.idx2token[int(i)] if int(i) else (b"" if skip_special_tokens else b"<|endoftext|>")
+                  for i in ids]  # fmt: skip
+        return b"".join(pieces).decode("utf-8", errors="replace")  # one token may end mid-character
+
+    def apply_chat_template(self, conversation, tokenize=False, add_generation_prompt=False, **kwargs) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        if tokenize:
+            raise ValueError("WorldTokenizer.apply_chat_template renders text only (tokenize=False)")
+        if not self.chat_template:
+            raise ValueError("no chat template: set 'chat_template' in the model's config entry")
+        rendered, _ = render_jinja_template(
+            [conversation], chat_template=self.chat_template, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+        return rendered[0]
+
+
 def load_rwkv_package(spec: dict, name: str | None, model_dir: Path | None):
     """A config entry of family rwkv-pkg as a LoadedModel: source local (a .pth in the package's layout,
     or a Hugging Face RWKV-5 folder) or hub (a Hugging Face RWKV-5 repository), converted where needed
@@ -414,8 +458,8 @@ def load_rwkv_package(spec: dict, name: str | None, model_dir: Path | None):
         tokenizer = load_tokenizer(spec["tokenizer"], remote)
     elif source.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=remote)
-    else:
-        raise ValueError(f"model {name!r}: a .pth checkpoint needs a 'tokenizer' entry in its config")
+    else:  # a .pth: BlinkDL's RWKV-5/6/7 World checkpoints
+        tokenizer = WorldTokenizer()
     if "chat_template" in spec:
         tokenizer.chat_template = spec["chat_template"]
     if tokenizer.pad_token_id is None:
