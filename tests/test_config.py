@@ -85,6 +85,9 @@ _DELETE = object()
           "at least 2"]),
         (("quirky", "datasets", "addition", "split_fractions"), [0.5, 0.5, 0.0],
          ["quirky.datasets.addition.split_fractions", "'test'", "at least 2"]),
+        (("models", "rwkv-tiny", "family"), "rwkv-pkg", ["models.rwkv-tiny", "rwkv-pkg", "local or hub", "'tiny'"]),
+        (("models", "rwkv5"), {"family": "rwkv-pkg", "source": {"local": {"path": "m"}}, "n_layers": 2,
+                               "format": "mamba_ssm"}, ["models.rwkv5", "'mamba_ssm'", "rwkv-pkg"]),
     ],
 )
 def test_bad_values_are_named(path, value, expected):
@@ -129,12 +132,23 @@ def test_unreadable_state_is_refused_per_mode_and_model():
     assert steering_modes(checked, "mamba-tiny") == ["residual", "state", "both"]
 
 
-def test_paper_config_steers_rwkv5_in_the_residual_stream_only():
+def test_paper_config_steers_rwkv5_in_every_mode_through_the_rwkv_package():
     checked = check_config(yaml.safe_load((REPO / "configs" / "paper.yaml").read_text()))
     from workflow_scripts.configuration import steering_modes
 
-    assert steering_modes(checked, "hermes-rwkv-v5-7b") == ["residual"]
+    assert checked["models"]["hermes-rwkv-v5-7b"]["family"] == "rwkv-pkg"
+    assert steering_modes(checked, "hermes-rwkv-v5-7b") == ["residual", "state", "both"]
     assert steering_modes(checked, "hermes-mamba-2.8b") == ["residual", "state", "both"]
+
+
+def test_rwkv_package_models_are_not_fine_tuned():
+    config = base()
+    config["models"]["rwkv5"] = {"family": "rwkv-pkg", "source": {"local": {"path": "m"}}, "n_layers": 2}
+    config["quirky"]["models"] = ["llama-tiny", "rwkv5"]
+    with pytest.raises(ConfigError, match=r"quirky.models has 'rwkv5'.*forward only.*allowed: \['llama-tiny'"):
+        check_config(config)
+    config["quirky"]["models"] = ["llama-tiny"]
+    assert check_config(config)["models"]["rwkv5"]["family"] == "rwkv-pkg"
 
 
 def test_checked_config_is_remembered_and_rechecked_when_anything_changes(tmp_path, monkeypatch):

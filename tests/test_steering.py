@@ -319,6 +319,9 @@ def add_by_hand(adapter, cache, layer, deltas, multiplier):
         att += multiplier * deltas["att_shift"]
         num += (multiplier * deltas["wkv_num"].double() * torch.exp(-top.double())).float()
         den += (multiplier * deltas["wkv_den"].double() * torch.exp(-top.double())).float()
+    elif adapter.family == "rwkv-pkg":  # the rwkv package's models: per layer a dict of (B, ...) tensors
+        for name, delta in deltas.items():
+            cache[layer][name] += multiplier * delta
     else:
         raise AssertionError(f"no state to steer in family {adapter.family}")
 

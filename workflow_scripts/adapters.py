@@ -1,10 +1,11 @@
 """One model interface for every stage: transformer, Mamba and RWKV behind the same methods.
 
 A stage gets an adapter from `load_adapter(spec)` and never looks at the architecture itself.
-`ModelAdapter` holds what every family shares; `TransformerAdapter`, `MambaAdapter` and `RwkvAdapter`
-add how each family's model is called and where its state lives (`ADAPTERS`, by family name), as do the
-adapters of transformers' other recurrent and hybrid ports (Falcon-Mamba, Mamba-2, Jamba, LFM2, xLSTM,
-RecurrentGemma), whose family names are the ports' model types.
+`ModelAdapter` holds what every family shares; `TransformerAdapter`, `MambaAdapter`, `RwkvAdapter`
+(RWKV-4) and `RwkvPackageAdapter` (RWKV-5/6/7) add how each family's model is called and where its
+state lives (`ADAPTERS`, by family name), as do the adapters of transformers' other recurrent and hybrid
+ports (Falcon-Mamba, Mamba-2, Jamba, LFM2, xLSTM, RecurrentGemma), whose family names are the ports'
+model types.
 The blocks and the final norm are found by one rule for every causal LM (`decoder_and_blocks`,
 `find_final_norm`), not by family.
 Layers are named by block index 0..n_layers-1; "the residual stream after block l" is what block
@@ -918,6 +919,39 @@ def mean_state_values(
     return {layer: {name: total / count for name, total in named.items()} for layer, named in totals.items()}, dtypes
 
 
+class RwkvPackageAdapter(ModelAdapter):
+    """RWKV-5, 6 and 7 run by the `rwkv` package (workflow_scripts/rwkv_package.py). Its state is a list
+    with one dict per layer: `att_shift` (B, D), `wkv` (B, H, N, N) and `ffn_shift` (B, D)."""
+
+    family = "rwkv-pkg"
+    has_recurrent_state = True
+
+    def site_description(self):
+        return "block output (residual stream after the block, in the package's training units)"
+
+    def output_scale(self, layer):
+        return self.model.output_scale(layer)
+
+    def _run(self, input_ids, attention_mask, state, use_cache, **extra):
+        # Rows run one after another; each row's state is the one after its real tokens.
+        return self.model(input_ids, attention_mask=attention_mask, state=state, **extra)
+
+    def _state_of(self, out):
+        return out.state
+
+    def repeat_state(self, state, times):
+        return [{name: tensor.repeat_interleave(times, dim=0) for name, tensor in layer.items()} for layer in state]
+
+    def state_tensors(self, state, layer):
+        return state[layer]
+
+    def lora_target_modules(self, scope="attention"):
+        raise NotImplementedError("the rwkv package's models are not fine-tuned here (it runs inference only)")
+
+    def training_copy(self):
+        raise NotImplementedError("the rwkv package's models are not fine-tuned here (it runs inference only)")
+
+
 def _check_delta_names(deltas: dict, values: dict, layer: int) -> None:
     unknown = set(deltas) - set(values)
     if unknown:
@@ -940,6 +974,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "lfm2": Lfm2Adapter,
     "xlstm": XlstmAdapter,
     "recurrent_gemma": RecurrentGemmaAdapter,
+    "rwkv-pkg": RwkvPackageAdapter,
 }
 
 

@@ -140,6 +140,10 @@ def check_config(config: dict) -> dict:
                 "the train, validation and test fractions must add up to 1"
             )
     _check_trained_models(checked)
+    for name, spec in checked["models"].items():
+        problem = family_traits.unloadable(spec)
+        if problem:
+            raise ConfigError(f"config: models.{name}: {problem}")
     for stage in ("steering", "lens", "quirky"):
         chosen = checked[stage].setdefault("models", list(checked["models"]))  # quirky's schema default is []
         unknown = [name for name in chosen if name not in checked["models"]]
@@ -147,6 +151,14 @@ def check_config(config: dict) -> dict:
             raise ConfigError(
                 f"config: {stage}.models has {unknown[0]!r}, not a model; allowed: {sorted(checked['models'])}"
             )
+    quirky_models = checked["quirky"]["models"]
+    untrainable = [name for name in quirky_models if not family_traits.fine_tunable(checked["models"][name])]
+    if untrainable:
+        allowed = [name for name, spec in checked["models"].items() if family_traits.fine_tunable(spec)]
+        raise ConfigError(
+            f"config: quirky.models has {untrainable[0]!r}, of family {family_traits.RWKV_PACKAGE!r}, which is run "
+            f"forward only (not fine-tuned); allowed: {allowed}"
+        )
     steering = checked["steering"]
     for name, spec in checked["models"].items():
         n_layers = model_n_layers(name, spec)

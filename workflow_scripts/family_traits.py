@@ -16,7 +16,7 @@ def unreadable_state(spec: dict) -> str | None:
     if spec.get("trust_remote_code"):
         return (
             "it is loaded with its own modelling code (trust_remote_code: RWKV-5, 6 or 7), whose state the "
-            "rwkv adapter cannot read (only RWKV-4, transformers' port)"
+            "rwkv adapter cannot read (only RWKV-4, transformers' port; family rwkv-pkg reads RWKV-5, 6 and 7)"
         )
     if tiny is not None and tiny["model_type"] != "rwkv":
         return f"its model_type {tiny['model_type']!r} is not RWKV-4 ('rwkv'), the only RWKV state the adapter reads"
@@ -48,3 +48,23 @@ def stateless_layers(spec: dict, n_layers: int) -> list[int] | None:
         return None
     config = built_here.get("config", {})
     return [layer for layer in range(n_layers) if not rule(config, layer)]
+# The family whose models the `rwkv` package runs (RWKV-5, 6 and 7; workflow_scripts/rwkv_package.py).
+RWKV_PACKAGE = "rwkv-pkg"
+
+
+def unloadable(spec: dict) -> str | None:
+    """Why the model `spec` describes cannot be loaded by its family's adapter, or None."""
+    if spec["family"] != RWKV_PACKAGE:
+        return None
+    (kind,) = spec["source"]
+    if kind not in ("local", "hub"):
+        return f"family {RWKV_PACKAGE} loads source local or hub (a .pth or a Hugging Face RWKV-5 folder), not {kind!r}"
+    if spec.get("format", "transformers") != "transformers":
+        return f"format {spec['format']!r} does not apply to family {RWKV_PACKAGE} (the layout is read from the keys)"
+    return None
+
+
+def fine_tunable(spec: dict) -> bool:
+    """Whether the fine-tuning stage (quirky models) can train the model: not the rwkv package's
+    models, which it only runs forward."""
+    return spec["family"] != RWKV_PACKAGE

@@ -198,6 +198,10 @@ def load_model_tokenizer(spec: dict, model_dir: Path | None = None):
         tokenizer = load_tokenizer(spec["tokenizer"], bool(spec.get("trust_remote_code")))
     elif kind in ("tiny", "trained") or (kind == "gguf" and model_dir and (Path(model_dir) / "config.json").is_file()):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)  # saved by build_model
+    elif spec["family"] == "rwkv-pkg" and kind == "local" and Path(spec["source"]["local"]["path"]).is_file():
+        from workflow_scripts.rwkv_package import WorldTokenizer
+
+        tokenizer = WorldTokenizer()  # a .pth checkpoint of the rwkv package: the World tokenizer
     else:
         tokenizer = load_tokenizer({kind: spec["source"][kind]}, bool(spec.get("trust_remote_code")))
     if "chat_template" in spec:
@@ -214,6 +218,10 @@ def load_model(spec: dict, name: str | None = None, model_dir: Path | None = Non
     body = spec["source"][kind]
     dtype = DTYPES[spec.get("dtype", "float32")]
     remote = bool(spec.get("trust_remote_code", False))
+    if spec["family"] == "rwkv-pkg":  # not a transformers model: the rwkv package loads it
+        from workflow_scripts.rwkv_package import load_rwkv_package
+
+        return load_rwkv_package(spec, name, model_dir)
     info = {
         "name": name, "family": spec["family"], "source": kind, "revision": None, "dtype": spec.get("dtype", "float32")
     }
@@ -301,7 +309,14 @@ def materialize(spec: dict, name: str, out_dir: Path) -> dict:
                 "model %s: revision %r is a branch or tag; pin it to commit %s", name, body["revision"], snapshot.name
             )
     elif kind == "local" and not Path(body["path"]).is_dir():
-        raise FileNotFoundError(f"model {name!r}: local path {body['path']!r} is not a directory")
+        if not (spec["family"] == "rwkv-pkg" and Path(body["path"]).is_file()):  # a .pth state dict
+            raise FileNotFoundError(f"model {name!r}: local path {body['path']!r} is not a directory")
+    if spec["family"] == "rwkv-pkg" and kind in ("hub", "local"):
+        from workflow_scripts.rwkv_package import prepare_checkpoint
+
+        # A Hugging Face layout is converted to the package's once, here, for every later job.
+        source = Path(resolved["snapshot"]) if kind == "hub" else Path(body["path"])
+        prepare_checkpoint(source, out_dir / "weights")
     manifest = {"name": name, "spec": spec, "resolved": resolved, "code_version": CODE_VERSION}
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
