@@ -653,28 +653,31 @@ class RwkvAdapter(ModelAdapter):
 
     def _call(self, input_ids, attention_mask, state, use_cache, **extra):
         if state is not None and input_ids.shape[0] > 1 and input_ids.shape[1] == 1:
-            return self._call_rowwise(input_ids, state)
+            return self._call_one_token(input_ids, state)
         return super()._call(input_ids, attention_mask, state, use_cache, **extra)
 
     def _run(self, input_ids, attention_mask, state, use_cache, **extra):
         # The port ignores attention_mask (right padding keeps real positions exact anyway).
         return self.model(input_ids=input_ids, state=state, use_cache=use_cache, **extra)
 
-    def _call_rowwise(self, input_ids, state):
-        # The port's one-token step broadcasts (B,1,D) against (B,D) and mixes rows when B > 1,
-        # so each row continues on its own (steered with its own row of per-row vectors); the
-        # slices are views, so `state` is updated in place.
-        logits = []
-        for row in range(input_ids.shape[0]):
-            rows = slice(row, row + 1)
-            row_state = [tensor[rows] for tensor in state]
-            with self._steered(row=rows):
-                out = self.model(input_ids=input_ids[rows], state=row_state, use_cache=True)
-            for full, new in zip(state, out.state):
-                if new.data_ptr() != full[rows].data_ptr():
-                    full[rows] = new
-            logits.append(out.logits)
-        return _Output(logits=torch.cat(logits), state=state)
+    def _call_one_token(self, input_ids, state):
+        # The port's one-token step reads the previous token from the state as (B, D) and mixes it
+        # with the (B, 1, D) token, which broadcasts to (B, B, D) and mixes rows when B > 1. For the
+        # call, each block's time mixing and channel mixing read it as (B, 1, D) (`_one_token_shift`:
+        # the port's own arithmetic, that one shape changed), so the rows run as one batch.
+        attention, feed_forward = [], []
+        for block in self.blocks:
+            attention.append(block.attention)
+            feed_forward.append(block.feed_forward)
+            block.attention.extract_key_value = _one_token_shift(block.attention, "attention")
+            block.feed_forward.forward = _one_token_shift(block.feed_forward, "feed_forward")
+        try:
+            return super()._call(input_ids, None, state, True)
+        finally:
+            for module in attention:
+                del module.extract_key_value
+            for module in feed_forward:
+                del module.forward
 
     def _state_of(self, out):
         return getattr(out, "state", None)
@@ -726,6 +729,32 @@ class RwkvAdapter(ModelAdapter):
             stored[name].copy_(torch.where(magnitude > 0, wkv[name] * torch.exp(-new_max), 0.0))
         stored["wkv_max"].copy_(new_max)
         return state
+
+
+def _one_token_shift(module: nn.Module, kind: str):
+    """RWKV-4 time mixing's `extract_key_value` or channel mixing's `forward` for one token (B, 1, D)
+    continuing a state, as the port computes them for one row, for B rows (see `_call_one_token`)."""
+
+    def mixed(hidden, shifted, name):
+        mix = getattr(module, name)
+        return hidden * mix + shifted * (1 - mix)
+
+    def attention(hidden, state=None):
+        shifted = state[1][:, :, module.layer_id][:, None]
+        key = module.key(mixed(hidden, shifted, "time_mix_key"))
+        value = module.value(mixed(hidden, shifted, "time_mix_value"))
+        receptance = torch.sigmoid(module.receptance(mixed(hidden, shifted, "time_mix_receptance")))
+        state[1][:, :, module.layer_id] = hidden[:, -1]
+        return receptance, key, value, state
+
+    def feed_forward(hidden, state=None):
+        shifted = state[0][:, :, module.layer_id][:, None]
+        key = torch.square(torch.relu(module.key(mixed(hidden, shifted, "time_mix_key"))))
+        receptance = torch.sigmoid(module.receptance(mixed(hidden, shifted, "time_mix_receptance")))
+        state[0][:, :, module.layer_id] = hidden[:, -1]
+        return receptance * module.value(key), state
+
+    return attention if kind == "attention" else feed_forward
 
 
 def _check_delta_names(deltas: dict, values: dict, layer: int) -> None:
