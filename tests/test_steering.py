@@ -293,13 +293,17 @@ def check_table(fast, expected, adapter):
     assert fast["p_matching"].between(0, 1).all() and fast["nonsense"].between(0, 1).all()
 
 
-@pytest.mark.parametrize("n_positions, layers_per_pass", [(1, 1), (3, 2)])
-def test_residual_sweep_equals_full_recomputation(tiny_adapter, vectors, n_positions, layers_per_pass):
+@pytest.mark.parametrize("n_positions, layers_per_pass", [(1, 1), (3, 2), (1, 99), (3, 99)])
+def test_residual_sweep_equals_full_recomputation(tiny_adapter, vectors, n_positions, layers_per_pass, monkeypatch):
+    """Per (layer, multiplier), the sweep equals the whole prompt recomputed; with layers_per_pass 99
+    every layer and multiplier of an item run in one pass."""
     adapter = tiny_adapter
     residual, _ = vectors[adapter.info["name"]]
     settings = dict(mode="residual", residual_vectors=residual, multipliers=MULTIPLIERS, n_positions=n_positions,
                     behavior="toy", item_ids=[10, 11])
     hooks_before = [dict(block._forward_hooks) for block in adapter.blocks]
+    if adapter.family == "transformer":  # the rows share the prefix's cache: it is never copied
+        monkeypatch.setattr(adapter, "repeat_state", lambda *_: pytest.fail("the prefix cache was copied"))
     fast = steering.steering_sweep(adapter, ITEMS, layers_per_pass=layers_per_pass, **settings)
     assert [dict(block._forward_hooks) for block in adapter.blocks] == hooks_before
     check_table(fast, naive_sweep(adapter, ITEMS, **settings), adapter)
@@ -363,7 +367,7 @@ def state_cases():
     return [
         (name, mode, n_positions, layers_per_pass)
         for name, spec in sorted(TINY_MODELS.items()) if spec["family"] != "transformer"
-        for mode in ("state", "both") for n_positions, layers_per_pass in ((1, 2), (3, 1))
+        for mode in ("state", "both") for n_positions, layers_per_pass in ((1, 2), (3, 1), (2, 99))
     ]
 
 
@@ -381,6 +385,10 @@ def test_state_sweep_equals_a_token_by_token_loop(tiny_adapters, vectors, name, 
         for metrics in [hand_steered_metrics(adapter, item, layer, multiplier, mode, n_positions, residual, deltas)]
     ])
     check_table(fast, expected, adapter)
+    if layers_per_pass == 1:  # the benchmark's reference recomputation: the same loop through the adapter
+        naive = naive_sweep(adapter, ITEMS, mode=mode, residual_vectors=residual, state_deltas=deltas,
+                            multipliers=MULTIPLIERS, n_positions=n_positions, behavior="toy", item_ids=[10, 11])
+        check_table(naive, expected, adapter)
 
 
 @pytest.mark.parametrize("labels", [AB_LABELS, NUMBERED_LABELS])

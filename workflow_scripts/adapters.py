@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from workflow_scripts.model_sources import LoadedModel
 
@@ -321,13 +322,26 @@ class ModelAdapter:
         return TokenBatch(ids.to(self.device), mask.to(self.device), lengths)
 
     # ----- forward ---------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, state=None, use_cache=False):
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, state=None, use_cache=False,
+        logits_to_keep: int | None = None,
+    ):  # fmt: skip
         """Run the model; returns (logits, state). With `state`, the ids continue from it: the batch
-        must then be unpadded. The state passed in is updated in place: copy it first to reuse it."""
+        must then be unpadded. The state passed in is updated in place: copy it first to reuse it.
+        `logits_to_keep`: logits of the last that many positions only (the unembedding of every
+        position is a large share of a prompt's cost when only the state is wanted)."""
         if state is not None and attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("continuing from a state needs an unpadded batch (equal-length rows)")
-        out = self._call(input_ids, attention_mask, state, use_cache or state is not None)
+        extra = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+        out = self._call(input_ids, attention_mask, state, use_cache or state is not None, **extra)
         return out.logits, self._state_of(out)
+
+    def continue_rows(self, state, input_ids: torch.Tensor, rows: int) -> torch.Tensor:
+        """(rows, V) next-token logits after the last of the (1, n) `input_ids`, run `rows` times from
+        the one-row `state` (a prompt's prefix); copy r is row r of the active `add_to_block` contexts'
+        per-row vectors and positions. The state is left as it was, to be continued again."""
+        logits, _ = self.forward(input_ids.expand(rows, -1), state=self.repeat_state(state, rows))
+        return logits[:, -1]
 
     def last_token_logits(self, batch: TokenBatch) -> torch.Tensor:
         """(B, V) next-token logits at each row's last real token, computing the unembedding only at
@@ -408,14 +422,15 @@ class ModelAdapter:
             self._steering = tuple(active for active in self._steering if active is not steering)
 
     @contextlib.contextmanager
-    def _steered(self, row: slice | None = None, offset: int = 0):
+    def _steered(self, row: slice | None = None, offset: int = 0, fold: int | None = None):
         """Hooks that add the active steering vectors during one model call: the call runs the batch's
-        rows `row` (all when None), and its first token is position `offset` of the forward call."""
+        rows `row` (all when None), and its first token is position `offset` of the forward call.
+        With `fold`, the call packs the rows into one sequence, `fold` tokens each, one after another."""
         # Prepended, in reverse, so the vectors are added in the order they were given and before any
         # other hook of the block (residual_stream's readers) sees its output.
         handles = [
-            self.blocks[steering.layer].register_forward_hook(self._make_adder(steering, row, offset), prepend=True)
-            for steering in reversed(self._steering)
+            self.blocks[active.layer].register_forward_hook(self._make_adder(active, row, offset, fold), prepend=True)
+            for active in reversed(self._steering)
         ]
         try:
             yield
@@ -423,11 +438,14 @@ class ModelAdapter:
             for handle in handles:
                 handle.remove()
 
-    def _make_adder(self, steering: _Steering, row: slice | None, offset: int):
+    def _make_adder(self, steering: _Steering, row: slice | None, offset: int, fold: int | None = None):
         layer, vector, positions = steering.layer, steering.vector, steering.positions
 
         def hook(_module, _inputs, output):
             hidden = output[0] if isinstance(output, tuple) else output
+            packed_shape = hidden.shape
+            if fold is not None:  # (1, rows * fold, D) -> (rows, fold, D): each row's tokens again
+                hidden = hidden.reshape(-1, fold, hidden.shape[-1])
             row_vector = vector[row] if vector.dim() >= 2 and row is not None else vector
             row_positions = positions[row] if positions is not None and row is not None else positions
             # The vector is in residual-stream units; the block's raw output may be in others.
@@ -441,6 +459,7 @@ class ModelAdapter:
                 add = (delta[:, None, :] if delta.dim() == 2 else delta).expand(*pos.shape, -1)
                 inside = (pos >= 0) & (pos < hidden.shape[1])  # run token by token, one call sees one
                 hidden[rows[inside], pos[inside]] += add[inside]
+            hidden = hidden.reshape(packed_shape)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
@@ -518,6 +537,34 @@ class TransformerAdapter(ModelAdapter):
     def state_tensors(self, state, layer: int) -> dict[str, torch.Tensor]:
         cache_layer = state.layers[layer]
         return {"keys": cache_layer.keys, "values": cache_layer.values}
+
+    def continue_rows(self, state, input_ids, rows):
+        # The copies share the prefix's keys and values instead of each getting a copy of them: they
+        # run as one sequence of rows * n tokens, at the positions they would have, each attending to
+        # the prefix and to its own tokens only (a 4D mask); the logits only at each copy's last token.
+        n = input_ids.shape[1]
+        packable = type(state) is DynamicCache and all(type(layer) is DynamicLayer for layer in state.layers)
+        if not packable or self.model.config._attn_implementation not in ("sdpa", "eager"):
+            return super().continue_rows(state, input_ids, rows)
+        prefix = state.get_seq_length()
+        copy_of = torch.arange(rows * n, device=self.device) // n
+        step = torch.arange(rows * n, device=self.device) % n
+        sees = (copy_of[:, None] == copy_of[None, :]) & (step[None, :] <= step[:, None])
+        sees = torch.cat([sees.new_ones(rows * n, prefix), sees], dim=1)
+        mask = torch.zeros(sees.shape, dtype=self.model.dtype, device=self.device)
+        mask.masked_fill_(~sees, torch.finfo(self.model.dtype).min)
+        kept = [(layer.keys, layer.values) for layer in state.layers]  # update() concatenates: these stay
+        try:
+            with self._steered(fold=n):
+                out = self.model(
+                    input_ids=input_ids.repeat(1, rows), attention_mask=mask[None, None],
+                    position_ids=(prefix + step)[None], past_key_values=state, use_cache=True,
+                    logits_to_keep=torch.arange(n - 1, rows * n, n, device=self.device),
+                )  # fmt: skip
+        finally:
+            for layer, (keys, values) in zip(state.layers, kept):
+                layer.keys, layer.values = keys, values
+        return out.logits[0]
 
 
 class MambaAdapter(ModelAdapter):
@@ -616,28 +663,31 @@ class RwkvAdapter(ModelAdapter):
 
     def _call(self, input_ids, attention_mask, state, use_cache, **extra):
         if state is not None and input_ids.shape[0] > 1 and input_ids.shape[1] == 1:
-            return self._call_rowwise(input_ids, state)
+            return self._call_one_token(input_ids, state)
         return super()._call(input_ids, attention_mask, state, use_cache, **extra)
 
     def _run(self, input_ids, attention_mask, state, use_cache, **extra):
         # The port ignores attention_mask (right padding keeps real positions exact anyway).
         return self.model(input_ids=input_ids, state=state, use_cache=use_cache, **extra)
 
-    def _call_rowwise(self, input_ids, state):
-        # The port's one-token step broadcasts (B,1,D) against (B,D) and mixes rows when B > 1,
-        # so each row continues on its own (steered with its own row of per-row vectors); the
-        # slices are views, so `state` is updated in place.
-        logits = []
-        for row in range(input_ids.shape[0]):
-            rows = slice(row, row + 1)
-            row_state = [tensor[rows] for tensor in state]
-            with self._steered(row=rows):
-                out = self.model(input_ids=input_ids[rows], state=row_state, use_cache=True)
-            for full, new in zip(state, out.state):
-                if new.data_ptr() != full[rows].data_ptr():
-                    full[rows] = new
-            logits.append(out.logits)
-        return _Output(logits=torch.cat(logits), state=state)
+    def _call_one_token(self, input_ids, state):
+        # The port's one-token step reads the previous token from the state as (B, D) and mixes it
+        # with the (B, 1, D) token, which broadcasts to (B, B, D) and mixes rows when B > 1. For the
+        # call, each block's time mixing and channel mixing read it as (B, 1, D) (`_one_token_shift`:
+        # the port's own arithmetic, that one shape changed), so the rows run as one batch.
+        attention, feed_forward = [], []
+        for block in self.blocks:
+            attention.append(block.attention)
+            feed_forward.append(block.feed_forward)
+            block.attention.extract_key_value = _one_token_shift(block.attention, "attention")
+            block.feed_forward.forward = _one_token_shift(block.feed_forward, "feed_forward")
+        try:
+            return super()._call(input_ids, None, state, True)
+        finally:
+            for module in attention:
+                del module.extract_key_value
+            for module in feed_forward:
+                del module.forward
 
     def _state_of(self, out):
         return getattr(out, "state", None)
@@ -950,6 +1000,32 @@ class RwkvPackageAdapter(ModelAdapter):
 
     def training_copy(self):
         raise NotImplementedError("the rwkv package's models are not fine-tuned here (it runs inference only)")
+
+
+def _one_token_shift(module: nn.Module, kind: str):
+    """RWKV-4 time mixing's `extract_key_value` or channel mixing's `forward` for one token (B, 1, D)
+    continuing a state, as the port computes them for one row, for B rows (see `_call_one_token`)."""
+
+    def mixed(hidden, shifted, name):
+        mix = getattr(module, name)
+        return hidden * mix + shifted * (1 - mix)
+
+    def attention(hidden, state=None):
+        shifted = state[1][:, :, module.layer_id][:, None]
+        key = module.key(mixed(hidden, shifted, "time_mix_key"))
+        value = module.value(mixed(hidden, shifted, "time_mix_value"))
+        receptance = torch.sigmoid(module.receptance(mixed(hidden, shifted, "time_mix_receptance")))
+        state[1][:, :, module.layer_id] = hidden[:, -1]
+        return receptance, key, value, state
+
+    def feed_forward(hidden, state=None):
+        shifted = state[0][:, :, module.layer_id][:, None]
+        key = torch.square(torch.relu(module.key(mixed(hidden, shifted, "time_mix_key"))))
+        receptance = torch.sigmoid(module.receptance(mixed(hidden, shifted, "time_mix_receptance")))
+        state[0][:, :, module.layer_id] = hidden[:, -1]
+        return receptance * module.value(key), state
+
+    return attention if kind == "attention" else feed_forward
 
 
 def _check_delta_names(deltas: dict, values: dict, layer: int) -> None:

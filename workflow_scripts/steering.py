@@ -299,14 +299,12 @@ def steering_sweep(
         prepared = _prepared_items(adapter, items, labels, chat, n_positions, item_ids)
         for item_id, tokens, label_ids, matching in tqdm(prepared, desc=f"sweep ({mode})", unit="item", mininterval=10):
             ids = torch.tensor([tokens], dtype=torch.long, device=device)
-            _, prefix_state = adapter.forward(ids[:, :-n_positions], use_cache=True)
+            _, prefix_state = adapter.forward(ids[:, :-n_positions], use_cache=True, logits_to_keep=1)
             if mode != "residual" and not records:  # once, on the first item's state
                 _check_state_deltas(adapter, prefix_state, state_deltas, layers)
             for start in range(0, len(layers), layers_per_pass):
                 group = layers[start : start + layers_per_pass]
                 rows = len(group) * n_mult
-                # The forward updates the state in place: every pass gets its own copy.
-                state = adapter.repeat_state(prefix_state, rows)
                 scales = {}
                 with contextlib.ExitStack() as hooks:
                     for slot, layer in enumerate(group):
@@ -321,14 +319,17 @@ def steering_sweep(
                             hooks.enter_context(adapter.add_to_block(layer, per_row, positions=positions))
                         scales[layer] = torch.zeros(rows)
                         scales[layer][block] = mult_tensor
-                    if mode == "residual":
-                        logits, _ = adapter.forward(ids[:, -n_positions:].expand(rows, n_positions), state=state)
+                    if mode == "residual":  # every row continues the one prefix, which stays as it is
+                        last_logits = adapter.continue_rows(prefix_state, ids[:, -n_positions:], rows)
                     else:
+                        # The forward updates the state in place: every pass gets its own copy.
+                        state = adapter.repeat_state(prefix_state, rows)
                         for step in range(len(tokens) - n_positions, len(tokens)):
                             for layer in group:
                                 adapter.add_to_state(state, layer, state_deltas[layer], scale=scales[layer])
                             logits, _ = adapter.forward(ids[:, step : step + 1].expand(rows, 1), state=state)
-                p_matching, nonsense = _answer_metrics(logits[:, -1], label_ids, matching)
+                        last_logits = logits[:, -1]
+                p_matching, nonsense = _answer_metrics(last_logits, label_ids, matching)
                 layer_of_row = [layer for layer in group for _ in multipliers]
                 records += _records(
                     behavior, mode, n_positions, item_id, layer_of_row, multipliers * len(group), p_matching, nonsense
