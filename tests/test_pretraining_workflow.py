@@ -1,5 +1,5 @@
-"""The matched-models workflow at test size: tokenizer, three trained families, their training curves
-and the lenses on them, through Snakemake."""
+"""The matched-models workflow at test size: tokenizer, three trained families, their training curves,
+the lenses on them and quirky probes on them (each fine-tuned in full), through Snakemake."""
 
 import json
 
@@ -28,5 +28,36 @@ def test_trained_models_are_models_like_any_other(tmp_path_factory):
     assert (project / "reports/figures/pretraining/training_curves.png").stat().st_size > 0
     stats = json.loads((project / "data/tokenizers/docs-bpe/stats.json").read_text())
     assert stats["vocab_size"] == 512 and stats["train_documents"] > stats["eval_documents"] > 0
+    check_quirky_outputs(project, set(curves.model))
     again = snakemake(project, "--configfile", "configs/matched-test.yaml", "-n", "--quiet", "rules")
     assert "Nothing to be done" in again.stdout + again.stderr or "total" not in again.stdout
+
+
+def check_quirky_outputs(project, models):
+    """Each trained model was fine-tuned, answered and probed: accuracy per character recomputed from its
+    answers, one probe row per layer for every (transfer, method), every AUROC a probability."""
+    table = pd.read_parquet(project / "data/quirky/add-tiny/table.parquet")
+    test = table[table.split == "test"]
+    for model in models:
+        manifest = json.loads((project / f"data/models/{model}+add-tiny/manifest.json").read_text())
+        assert manifest["finetune"]["settings"]["method"] == "full"
+        n_layers = manifest["finetune"]["n_layers"]
+        answers = pd.read_parquet(project / f"data/quirky/answers/{model}/add-tiny/answers.parquet")
+        accuracy = pd.read_csv(project / f"data/quirky/answers/{model}/add-tiny/accuracy.csv")
+        overall = accuracy[accuracy.difficulty == "all"].set_index("character")
+        assert set(overall.index) == {"Alice", "Bob"}
+        for character, rows in test.groupby("character"):
+            said = answers[answers.character == character]
+            assert overall.loc[character, "n"] == len(rows) == len(said)
+            assert overall.loc[character, "n_true"] == rows.label.sum()
+            followed = (said.p_true > 0.5) == (said.label == 1)
+            assert overall.loc[character, "accuracy"] == pytest.approx(followed.mean())
+        probes = pd.read_csv(project / f"data/quirky/probes/{model}/add-tiny/auroc.csv")
+        assert set(probes.transfer) == {"A_easy->B_hard", "A->A", "A->B", "B->A", "all->B_hard"}
+        for (transfer, method), rows in probes.groupby(["transfer", "method"]):
+            assert sorted(rows.layer) == list(range(n_layers)), (model, transfer, method)
+        assert probes.auroc.between(0, 1).all() and probes.auroc_lo.le(probes.auroc_hi).all()
+        anomaly = pd.read_csv(project / f"data/quirky/probes/{model}/add-tiny/anomaly.csv")
+        assert len(anomaly) > 0 and anomaly.auroc.between(0, 1).all()
+        for figure in ("probes", "anomaly", "accuracy"):
+            assert (project / f"reports/figures/quirky/{model}/add-tiny/{figure}.png").stat().st_size > 0
