@@ -50,6 +50,11 @@ _DELETE = object()
         (("quirky", "datasets", "addition"),
          {"operation": "addition", "n_problems": 64, "operand_range": [1, 9], "source": {"local": "d"}},
          ["quirky.datasets.addition.operand_range", "not used with", "source"]),
+        # 0..9 holds 55 distinct problems (a + b and b + a are one): 64 cannot be drawn from it
+        (("quirky", "datasets", "addition"), {"operation": "addition", "n_problems": 64, "operand_range": [0, 9]},
+         ["quirky.datasets.addition.operand_range", "[0, 9]", "only 55 distinct problems", "n_problems = 64"]),
+        (("quirky", "datasets", "addition", "operand_range"), [7, 7],
+         ["quirky.datasets.addition.operand_range", "[7, 7]", "low < high"]),
         (("quirky", "finetune", "lora_modules"), "mlp", ["quirky.finetune.lora_modules", "'mlp'", "attention", "all"]),
         (("quirky", "datasets", "addition", "operation"), "division",
          ["quirky.datasets.addition.operation", "'division'", "addition", "subtraction", "multiplication"]),

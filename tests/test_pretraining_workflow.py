@@ -1,6 +1,6 @@
 """The matched-models workflow at test size: tokenizer, three trained families (and the transformer's
-two SAE baselines), their training curves, the lenses on them and the SAE feature comparison, through
-Snakemake."""
+two SAE baselines), their training curves, the lenses on them, steering without instructions, quirky
+probes on them (each fine-tuned in full) and the SAE feature comparison, through Snakemake."""
 
 import json
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.workflow
 
 def test_trained_models_are_models_like_any_other(tmp_path_factory):
     project = new_checkout(tmp_path_factory)
-    result = snakemake(project, "--configfile", "configs/matched-test.yaml", timeout=900)
+    result = snakemake(project, "--configfile", "configs/matched-test.yaml", timeout=1800)  # ~10 min on a busy machine
     assert result.returncode == 0, result.stderr[-3000:]
     curves = pd.read_csv(project / "reports/tables/pretraining/training.csv")
     trio = {"llama-trained", "mamba-trained", "rwkv-trained"}
@@ -37,7 +37,7 @@ def test_trained_models_are_models_like_any_other(tmp_path_factory):
     assert stats["vocab_size"] == 512 and stats["train_documents"] > stats["eval_documents"] > 0
     # Steering without instructions ran on each: every setting of the sweep, and a summary per mode.
     sweep = pd.concat(
-        pd.read_parquet(project / f"data/text_steering/{model}/sweep.parquet") for model in curves.model.unique()
+        pd.read_parquet(project / f"data/text_steering/{model}/sweep.parquet") for model in sorted(trio)
     )
     assert set(sweep.kind) == {"code", "prose"} and set(sweep.vector) == {"contrast", "random"}
     assert set(sweep[sweep.model == "llama-trained"]["mode"]) == {"residual"}  # no recurrent state
@@ -45,6 +45,7 @@ def test_trained_models_are_models_like_any_other(tmp_path_factory):
     assert np.allclose(sweep[sweep.multiplier == 0].logprob, sweep[sweep.multiplier == 0].unsteered, atol=1e-4)
     summary = pd.read_csv(project / "reports/tables/text_steering/summary.csv")
     assert len(summary) == 2 * (1 + 3 + 3)  # two position settings x (llama residual, 3 modes x 2 RNNs)
+    check_quirky_outputs(project, trio)
     again = snakemake(project, "--configfile", "configs/matched-test.yaml", "-n", "--quiet", "rules")
     assert "Nothing to be done" in again.stdout + again.stderr or "total" not in again.stdout
 
@@ -65,3 +66,31 @@ def check_sae_outputs(project):
     assert shifts.groupby(["model_a", "model_b"]).best_shift.sum().eq(1).all()
     for figure in ("mppc_heatmaps", "max_correlations", "shift_curve"):
         assert (project / f"reports/figures/sae/{figure}.png").stat().st_size > 0
+def check_quirky_outputs(project, models):
+    """Each trained model was fine-tuned, answered and probed: accuracy per character recomputed from its
+    answers, one probe row per layer for every (transfer, method), every AUROC a probability."""
+    table = pd.read_parquet(project / "data/quirky/add-tiny/table.parquet")
+    test = table[table.split == "test"]
+    for model in models:
+        manifest = json.loads((project / f"data/models/{model}+add-tiny/manifest.json").read_text())
+        assert manifest["finetune"]["settings"]["method"] == "full"
+        n_layers = manifest["finetune"]["n_layers"]
+        answers = pd.read_parquet(project / f"data/quirky/answers/{model}/add-tiny/answers.parquet")
+        accuracy = pd.read_csv(project / f"data/quirky/answers/{model}/add-tiny/accuracy.csv")
+        overall = accuracy[accuracy.difficulty == "all"].set_index("character")
+        assert set(overall.index) == {"Alice", "Bob"}
+        for character, rows in test.groupby("character"):
+            said = answers[answers.character == character]
+            assert overall.loc[character, "n"] == len(rows) == len(said)
+            assert overall.loc[character, "n_true"] == rows.label.sum()
+            followed = (said.p_true > 0.5) == (said.label == 1)
+            assert overall.loc[character, "accuracy"] == pytest.approx(followed.mean())
+        probes = pd.read_csv(project / f"data/quirky/probes/{model}/add-tiny/auroc.csv")
+        assert set(probes.transfer) == {"A_easy->B_hard", "A->A", "A->B", "B->A", "all->B_hard"}
+        for (transfer, method), rows in probes.groupby(["transfer", "method"]):
+            assert sorted(rows.layer) == list(range(n_layers)), (model, transfer, method)
+        assert probes.auroc.between(0, 1).all() and probes.auroc_lo.le(probes.auroc_hi).all()
+        anomaly = pd.read_csv(project / f"data/quirky/probes/{model}/add-tiny/anomaly.csv")
+        assert len(anomaly) > 0 and anomaly.auroc.between(0, 1).all()
+        for figure in ("probes", "anomaly", "accuracy"):
+            assert (project / f"reports/figures/quirky/{model}/add-tiny/{figure}.png").stat().st_size > 0

@@ -139,6 +139,8 @@ def check_config(config: dict) -> dict:
                 f"config: quirky.datasets.{name}.split_fractions = {dataset['split_fractions']} is not allowed; "
                 "the train, validation and test fractions must add up to 1"
             )
+        if "source" not in dataset and "operand_range" in dataset:
+            _check_operand_range(name, dataset)
     _check_trained_models(checked)
     for name, spec in checked["models"].items():
         problem = family_traits.unloadable(spec)
@@ -377,6 +379,21 @@ def finetuned_model_spec(config: dict, base: str, weights_dir: str) -> dict:
         "dtype": spec["dtype"],
         "trust_remote_code": spec["trust_remote_code"],
     }
+
+
+def _check_operand_range(name: str, dataset: dict) -> None:
+    """A generated dataset's operand range holds n_problems distinct problems ((a, b) and (b, a) are one),
+    as quirky_data._sample_problems needs: small ranges are what small trained models can learn."""
+    low, high = dataset["operand_range"]
+    key = f"config: quirky.datasets.{name}.operand_range = {[low, high]}"
+    if high <= low:
+        raise ConfigError(f"{key} is not allowed; need low < high")
+    capacity = (high - low + 1) * (high - low + 2) // 2
+    if dataset["n_problems"] > capacity:
+        raise ConfigError(
+            f"{key} holds only {capacity} distinct problems, fewer than quirky.datasets.{name}.n_problems = "
+            f"{dataset['n_problems']}; widen the range or ask for fewer problems"
+        )
 
 
 def _canonical(value):
