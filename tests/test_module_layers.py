@@ -11,10 +11,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "workflow_scripts"
 # Every module of workflow_scripts is in exactly one layer; a new module must be placed here.
 LAYERS = {
     "infrastructure": {"__init__", "atomic", "jobs", "configuration", "prefetch", "schedules"},
-    "adapters": {"adapters", "model_sources", "family_traits"},
+    "adapters": {"adapters", "model_sources", "family_traits", "rwkv_package"},
     # data formats and the pieces stages share
-    "shared": {"activations", "behavior_data", "quirky_data", "quirky_answers", "prompts", "corpus"},
-    "stages": {"steering", "lens", "finetune", "probes", "figures", "pretraining"},
+    "shared": {"activations", "behavior_data", "quirky_data", "quirky_answers", "prompts", "corpus", "plotting"},
+    "stages": {
+        "steering", "text_steering", "lens", "finetune", "probes", "figures", "sae_figures", "pretraining", "sae",
+        "feature_similarity",
+    },
 }
 # What each layer may import from the package: no stage imports a stage, no rule script a rule script.
 ALLOWED = {

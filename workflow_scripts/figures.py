@@ -3,24 +3,12 @@ writes PNG files, and returns nothing; captions live in reports/captions/."""
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")  # files only, no display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from workflow_scripts.atomic import atomic_path  # noqa: E402
-from workflow_scripts.quirky_data import CHARACTERS  # noqa: E402
-
-sns.set_theme(style="whitegrid", context="paper")
-
-
-def save(figure, path) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-    plt.close(figure)
+from workflow_scripts.plotting import save
+from workflow_scripts.quirky_data import CHARACTERS
 
 
 # ----- steering ------------------------------------------------------------------------------------
