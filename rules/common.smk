@@ -5,7 +5,13 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from workflow_scripts.configuration import ConfigError, check_config_cached, finetuned_model_spec, steering_modes
+from workflow_scripts.configuration import (
+    ConfigError,
+    check_config_cached,
+    finetuned_model_spec,
+    model_n_layers,
+    steering_modes,
+)
 
 try:
     _checked = check_config_cached(config, ".snakemake/checked-configs")
@@ -243,3 +249,32 @@ def all_steering_figures():
         model=config["steering"]["models"],
         figure=["multiplier_effect", "by_layer", "modes", "nonsense"],
     )
+
+
+# ----- sparse autoencoders (rules/sae.smk) ---------------------------------------------------------
+SAE = config["sae"]
+SAE_MODELS = SAE["models"]
+# Every unordered pair, in config order: model_a is the one listed first.
+SAE_PAIRS = [(a, b) for i, a in enumerate(SAE_MODELS) for b in SAE_MODELS[i + 1 :]]
+
+
+def sae_tokens(wildcards):
+    """The token chunks of the model's pretraining tokenizer: the shared token set is drawn from them."""
+    name = config["models"][wildcards.model]["source"]["trained"]["tokenizer"]
+    return rules.prepare_tokenizer.output.tokens.format(tokenizer=name)
+
+
+def sae_layers(wildcards):
+    if SAE["layers"] == "all":
+        return list(range(model_n_layers(wildcards.model, config["models"][wildcards.model])))
+    return SAE["layers"]
+
+
+def all_sae_figures():
+    if not SAE_MODELS:
+        return []
+    return [
+        "reports/figures/sae/mppc_heatmaps.png",
+        "reports/figures/sae/max_correlations.png",
+        "reports/figures/sae/shift_curve.png",
+    ]

@@ -1,35 +1,6 @@
 # Sparse autoencoders on models that share a tokenizer: the same token windows through every model,
 # a TopK SAE per block output, then how alike the models' features are (also one token apart).
 
-from workflow_scripts.configuration import model_n_layers
-
-SAE = config["sae"]
-SAE_MODELS = SAE["models"]
-# Every unordered pair, in config order: model_a is the one listed first.
-SAE_PAIRS = [(a, b) for i, a in enumerate(SAE_MODELS) for b in SAE_MODELS[i + 1 :]]
-
-
-def sae_tokens(wildcards):
-    """The token chunks of the model's pretraining tokenizer: the shared token set is drawn from them."""
-    name = config["models"][wildcards.model]["source"]["trained"]["tokenizer"]
-    return rules.prepare_tokenizer.output.tokens.format(tokenizer=name)
-
-
-def sae_layers(wildcards):
-    if SAE["layers"] == "all":
-        return list(range(model_n_layers(wildcards.model, config["models"][wildcards.model])))
-    return SAE["layers"]
-
-
-def all_sae_figures():
-    if not SAE_MODELS:
-        return []
-    return [
-        "reports/figures/sae/mppc_heatmaps.png",
-        "reports/figures/sae/max_correlations.png",
-        "reports/figures/sae/shift_curve.png",
-    ]
-
 
 rule extract_sae_activations:
     input:
