@@ -430,8 +430,8 @@ def sweep_vectors(adapters):
     return {adapter.info["name"]: (residual, deltas)}
 
 
-def test_residual_sweep_equals_full_recomputation(adapters, sweep_vectors):
-    steering_checks.test_residual_sweep_equals_full_recomputation(adapters["5.2"], sweep_vectors, 3, 2)
+def test_residual_sweep_equals_full_recomputation(adapters, sweep_vectors, monkeypatch):
+    steering_checks.test_residual_sweep_equals_full_recomputation(adapters["5.2"], sweep_vectors, 3, 2, monkeypatch)
 
 
 def test_both_sweep_equals_a_token_by_token_loop(adapters, sweep_vectors):

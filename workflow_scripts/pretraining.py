@@ -144,13 +144,15 @@ def rwkv4_wkv_chunked(time_decay, time_first, key, value, chunk: int = 4):
     batch, length, channels = key.shape
     size = max(d for d in range(1, min(chunk, length) + 1) if length % d == 0)
     n = length // size
-    w = -torch.exp(time_decay.float())  # (C,)
-    u = time_first.float()
-    k = key.float().reshape(batch, n, size, channels)
-    v = value.float().reshape(batch, n, size, channels)
+    # float32 at least (as transformers' kernels), float64 for a float64 model (exact tests).
+    compute = torch.promote_types(key.dtype, torch.float32)
+    w = -torch.exp(time_decay.to(compute))  # (C,)
+    u = time_first.to(compute)
+    k = key.to(compute).reshape(batch, n, size, channels)
+    v = value.to(compute).reshape(batch, n, size, channels)
     j = torch.arange(size, device=key.device)
     # each chunk's own contribution to the state at its end: sum_j exp((size-1-j) w + k_j) (v_j, 1)
-    local = ((size - 1 - j).float()[:, None] * w)[None, None] + k  # (B, N, L, C)
+    local = ((size - 1 - j).to(compute)[:, None] * w)[None, None] + k  # (B, N, L, C)
     local_max = local.amax(dim=2).detach()
     local_weights = torch.exp(local - local_max[:, :, None])
     local_num = (local_weights * v).sum(2)
@@ -173,12 +175,12 @@ def rwkv4_wkv_chunked(time_decay, time_first, key, value, chunk: int = 4):
     state_top = torch.stack([s[2] for s in states], 1)
     # within a chunk: position t sees the state decayed t steps, tokens j < t, and itself with the bonus u
     t = j
-    lag = (t[:, None] - 1 - t[None, :]).float()  # (L, L)
+    lag = (t[:, None] - 1 - t[None, :]).to(compute)  # (L, L)
     exponents = lag[None, None, :, :, None] * w + k[:, :, None, :, :]  # (B, N, Lt, Lj, C)
     exponents = exponents.masked_fill((t[None, :] > t[:, None])[None, None, :, :, None], float("-inf"))
     eye = torch.eye(size, dtype=torch.bool, device=key.device)[None, None, :, :, None]
     exponents = torch.where(eye, (u + k)[:, :, :, None, :], exponents)
-    state_exponent = state_top[:, :, None, :] + t.float()[None, None, :, None] * w  # (B, N, Lt, C)
+    state_exponent = state_top[:, :, None, :] + t.to(compute)[None, None, :, None] * w  # (B, N, Lt, C)
     top_t = torch.maximum(exponents.amax(dim=3), state_exponent).detach()
     weights = torch.exp(exponents - top_t[:, :, :, None, :])
     state_weight = torch.exp(state_exponent - top_t)
