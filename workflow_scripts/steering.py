@@ -184,12 +184,12 @@ def _check_sweep(adapter, items, mode, residual_vectors, state_deltas, layers, m
     if bad:
         raise ValueError(f"layers {bad} outside 0..{adapter.n_layers - 1}")
     if mode in ("state", "both"):
-        stateless = [layer for layer in layers if layer not in adapter.stateful_layers()]
+        stateful = adapter.stateful_layers()  # looked up once: a port's may build an empty cache
+        stateless = [layer for layer in layers if layer not in stateful]
         if stateless:
             raise ValueError(
                 f"mode {mode!r}: layers {stateless} of model {adapter.info.get('name')!r} have no recurrent state "
-                f"to steer (a hybrid's attention layers keep a key/value cache); layers with one: "
-                f"{adapter.stateful_layers()}"
+                f"to steer (a hybrid's attention layers keep a key/value cache); layers with one: {stateful}"
             )
         absent = [layer for layer in layers if layer not in state_deltas]
         if absent:

@@ -192,11 +192,12 @@ def continuation_sweep(
         raise ValueError(f"unknown positions {positions!r}; allowed: {list(POSITIONS)}")
     if mode != "residual" and not adapter.has_recurrent_state:
         raise ValueError(f"mode {mode!r}: model {adapter.info.get('name')!r} has no recurrent state to steer")
-    stateless = [layer for layer in layers if mode != "residual" and layer not in adapter.stateful_layers()]
+    stateful = adapter.stateful_layers() if mode != "residual" else []  # once: a port's may build a cache
+    stateless = [layer for layer in layers if mode != "residual" and layer not in stateful]
     if stateless:
         raise ValueError(
             f"mode {mode!r}: layers {stateless} of model {adapter.info.get('name')!r} have no recurrent state to "
-            f"steer (a hybrid's attention layers); layers with one: {adapter.stateful_layers()}"
+            f"steer (a hybrid's attention layers); layers with one: {stateful}"
         )
     if not 2 <= prefix_tokens < tokens.shape[1]:
         raise ValueError(f"prefix_tokens={prefix_tokens}: needs 2 <= prefix_tokens < {tokens.shape[1]} (row length)")
