@@ -41,3 +41,4 @@ rule all:
         all_training_figures(),
         all_text_steering_figures(),
         all_sae_figures(),
+        "reports/results.md",

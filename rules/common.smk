@@ -278,3 +278,45 @@ def all_sae_figures():
         "reports/figures/sae/max_correlations.png",
         "reports/figures/sae/shift_curve.png",
     ]
+
+
+# ----- the results page (rule results_page in rules/figures.smk) ----------------------------------
+def results_tables():
+    """Every summary table this config's experiments write, by experiment; the results page is written
+    from these alone."""
+    quirky = config["quirky"]
+    return {
+        "training": ["reports/tables/pretraining/training.csv"] if TRAINED else [],
+        "lens": ["reports/tables/lens/ce_by_layer.csv"] if config["lens"]["models"] else [],
+        "steering": (
+            expand("reports/tables/steering/{model}/summary.csv", model=config["steering"]["models"])
+            if config["behaviors"]
+            else []
+        ),
+        "text_steering": ["reports/tables/text_steering/summary.csv"] if config["text_steering"]["models"] else [],
+        "quirky_accuracy": expand(
+            "data/quirky/answers/{base}/{dataset}/accuracy.csv", base=quirky["models"], dataset=quirky["datasets"]
+        ),
+        "quirky_probes": expand(
+            "data/quirky/probes/{base}/{dataset}/auroc.csv", base=quirky["models"], dataset=quirky["datasets"]
+        ),
+        "quirky_anomaly": expand(
+            "data/quirky/probes/{base}/{dataset}/anomaly.csv", base=quirky["models"], dataset=quirky["datasets"]
+        ),
+        "quirky_shortcuts": expand("data/quirky/{dataset}/shortcuts.csv", dataset=quirky["datasets"]),
+        "sae_metrics": ["reports/tables/sae/sae_metrics.csv"] if SAE_MODELS else [],
+        "sae_shift": ["reports/tables/sae/shift.csv"] if SAE_MODELS else [],
+    }
+
+
+def measured_label(experiment):
+    """Report labels filled from the job's own tables when the report is made (the tables exist by
+    then; nothing is read while the workflow runs): the figure's name and what was measured, in the
+    results page's words."""
+
+    def label(wildcards, input, output):
+        from workflow_scripts.report_labels import measured_labels
+
+        return measured_labels(experiment, dict(input.items()), dict(output.items()), dict(wildcards.items()))
+
+    return label

@@ -8,7 +8,12 @@ rule prepare_quirky:
         table="data/quirky/{dataset}/table.parquet",
         statements="data/quirky/{dataset}/statements.jsonl",
         pairs="data/quirky/{dataset}/pairs.jsonl",
-        shortcuts="data/quirky/{dataset}/shortcuts.csv",
+        shortcuts=report(
+            "data/quirky/{dataset}/shortcuts.csv",
+            caption="../reports/captions/table_quirky_shortcuts.rst",
+            category="Quirky models",
+            subcategory="{dataset}",
+        ),
     log:
         "logs/prepare_quirky/{dataset}.log",
     benchmark:
@@ -53,7 +58,12 @@ rule answer_quirky:
         table="data/quirky/{dataset}/table.parquet",
     output:
         answers="data/quirky/answers/{base}/{dataset}/answers.parquet",
-        accuracy="data/quirky/answers/{base}/{dataset}/accuracy.csv",
+        accuracy=report(
+            "data/quirky/answers/{base}/{dataset}/accuracy.csv",
+            caption="../reports/captions/table_quirky_accuracy.rst",
+            category="Quirky models",
+            subcategory="{base} / {dataset}",
+        ),
     log:
         "logs/answer_quirky/{base}/{dataset}.log",
     benchmark:
@@ -75,8 +85,18 @@ rule fit_probes:
         statements=activation_file(finetuned_name("{base}", "{dataset}"), "quirky-{dataset}"),
         pairs=activation_file(finetuned_name("{base}", "{dataset}"), "quirky-{dataset}-pairs"),
     output:
-        auroc="data/quirky/probes/{base}/{dataset}/auroc.csv",
-        anomaly="data/quirky/probes/{base}/{dataset}/anomaly.csv",
+        auroc=report(
+            "data/quirky/probes/{base}/{dataset}/auroc.csv",
+            caption="../reports/captions/table_quirky_probes.rst",
+            category="Quirky models",
+            subcategory="{base} / {dataset}",
+        ),
+        anomaly=report(
+            "data/quirky/probes/{base}/{dataset}/anomaly.csv",
+            caption="../reports/captions/table_quirky_anomaly.rst",
+            category="Quirky models",
+            subcategory="{base} / {dataset}",
+        ),
     log:
         "logs/fit_probes/{base}/{dataset}.log",
     benchmark:

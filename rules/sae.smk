@@ -86,21 +86,30 @@ rule plot_sae:
         heatmaps=report(
             "reports/figures/sae/mppc_heatmaps.png",
             caption="../reports/captions/sae_mppc_heatmaps.rst",
+            labels=measured_label("sae"),
             category="SAE features",
         ),
         distribution=report(
             "reports/figures/sae/max_correlations.png",
             caption="../reports/captions/sae_max_correlations.rst",
+            labels=measured_label("sae"),
             category="SAE features",
         ),
         shift=report(
             "reports/figures/sae/shift_curve.png",
             caption="../reports/captions/sae_shift_curve.rst",
+            labels=measured_label("sae"),
             category="SAE features",
         ),
-        sae_table="reports/tables/sae/sae_metrics.csv",
-        mppc_table="reports/tables/sae/mppc.csv",
-        shift_table="reports/tables/sae/shift.csv",
+        sae_table=report(
+            "reports/tables/sae/sae_metrics.csv", caption="../reports/captions/table_sae_metrics.rst", category="SAE features"
+        ),
+        mppc_table=report(
+            "reports/tables/sae/mppc.csv", caption="../reports/captions/table_sae_mppc.rst", category="SAE features"
+        ),
+        shift_table=report(
+            "reports/tables/sae/shift.csv", caption="../reports/captions/table_sae_shift.rst", category="SAE features"
+        ),
     log:
         "logs/plot_sae/plot_sae.log",
     benchmark:

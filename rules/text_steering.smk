@@ -49,11 +49,13 @@ rule plot_text_steering:
         shift=report(
             "reports/figures/text_steering/kind_shift.png",
             caption="../reports/captions/text_steering_shift.rst",
+            labels=measured_label("text_steering"),
             category="Steering without instructions",
         ),
         by_layer=report(
             "reports/figures/text_steering/kind_shift_by_layer.png",
             caption="../reports/captions/text_steering_by_layer.rst",
+            labels=measured_label("text_steering"),
             category="Steering without instructions",
         ),
         summary=report(
