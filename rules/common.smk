@@ -315,7 +315,7 @@ def measured_label(experiment):
     results page's words."""
 
     def label(wildcards, input, output):
-        from workflow_scripts.report_labels import measured_labels
+        from workflow_scripts.results_page import measured_labels
 
         return measured_labels(experiment, dict(input.items()), dict(output.items()), dict(wildcards.items()))
 

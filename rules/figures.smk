@@ -166,6 +166,7 @@ rule plot_training:
 
 rule results_page:
     input:
+        **results_tables(),
         # The figures too: the page links them, so it is written once they exist.
         figures=[
             *all_steering_figures(),
@@ -175,7 +176,6 @@ rule results_page:
             *all_text_steering_figures(),
             *all_sae_figures(),
         ],
-        **results_tables(),
     output:
         page="reports/results.md",
     log:

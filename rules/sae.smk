@@ -102,7 +102,9 @@ rule plot_sae:
             category="SAE features",
         ),
         sae_table=report(
-            "reports/tables/sae/sae_metrics.csv", caption="../reports/captions/table_sae_metrics.rst", category="SAE features"
+            "reports/tables/sae/sae_metrics.csv",
+            caption="../reports/captions/table_sae_metrics.rst",
+            category="SAE features",
         ),
         mppc_table=report(
             "reports/tables/sae/mppc.csv", caption="../reports/captions/table_sae_mppc.rst", category="SAE features"

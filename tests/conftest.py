@@ -46,7 +46,10 @@ def tiny_adapter(request, tiny_adapters):
 
 
 # ----- workflow runs: Snakemake on a copy of the project ---------------------------------------------
-PROJECT_PARTS = ["Snakefile", "rules", "workflow_scripts", "envs", "configs", "config.yaml", "profiles", "data/inputs", "reports/captions"]
+PROJECT_PARTS = [
+    "Snakefile", "rules", "workflow_scripts", "envs", "configs", "config.yaml", "profiles", "data/inputs",
+    "reports/captions",
+]  # fmt: skip
 
 
 def copy_project(target: Path) -> Path:

@@ -16,7 +16,7 @@ LAYERS = {
     "shared": {"activations", "behavior_data", "quirky_data", "quirky_answers", "prompts", "corpus", "plotting"},
     "stages": {
         "steering", "text_steering", "lens", "finetune", "probes", "figures", "sae_figures", "pretraining", "sae",
-        "feature_similarity",
+        "feature_similarity", "results_page",
     },
 }
 # What each layer may import from the package: no stage imports a stage, no rule script a rule script.

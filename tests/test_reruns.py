@@ -43,13 +43,13 @@ def test_reordering_keys_in_the_config_plans_nothing(run_copy):
 def test_steering_multipliers_rerun_only_the_sweep_and_its_figures(run_copy):
     path = changed_config(run_copy, lambda c: c["steering"].update(multipliers=[-1, 0, 1]))
     rules = {rule for rule, _ in planned_jobs(run_copy, path)}
-    assert rules == {"evaluate_steering", "plot_steering"}
+    assert rules == {"evaluate_steering", "plot_steering", "results_page"}
 
 
 def test_lens_learning_rate_reruns_only_lens_training_and_after(run_copy):
     path = changed_config(run_copy, lambda c: c["lens"]["training"].update(lr_scale=0.5))
     rules = {rule for rule, _ in planned_jobs(run_copy, path)}
-    assert rules == {"train_tuned_lens", "evaluate_lens", "plot_lens", "plot_trajectory"}
+    assert rules == {"train_tuned_lens", "evaluate_lens", "plot_lens", "plot_trajectory", "results_page"}
 
 
 def test_editing_one_behaviour_file_reruns_only_that_behaviour(run_copy):
@@ -57,10 +57,11 @@ def test_editing_one_behaviour_file_reruns_only_that_behaviour(run_copy):
     data.write_text(data.read_text().replace("hopeful", "hopeful indeed", 1))
     jobs = planned_jobs(run_copy)
     assert {rule for rule, _ in jobs} == {
-        "prepare_behaviors", "extract_activations", "compute_steering_vectors", "evaluate_steering", "plot_steering"
+        "prepare_behaviors", "extract_activations", "compute_steering_vectors", "evaluate_steering", "plot_steering",
+        "results_page",
     }
     for rule, wildcards in jobs:
-        if rule != "plot_steering":
+        if rule not in ("plot_steering", "results_page"):
             assert "optimism" in (wildcards.get("behavior") or wildcards.get("prompt_set")), (rule, wildcards)
 
 
@@ -71,7 +72,7 @@ def test_changing_one_model_reruns_only_that_models_jobs(run_copy):
     jobs = planned_jobs(run_copy, changed_config(run_copy, change))
     assert jobs and {rule for rule, _ in jobs} >= {"build_model", "extract_activations", "train_tuned_lens"}
     for rule, wildcards in jobs:
-        if rule == "plot_lens":  # the one figure that draws every model
+        if rule in ("plot_lens", "results_page"):  # the figure and the page that show every model
             continue
         named = wildcards.get("model") or wildcards.get("base")
         assert named.split("+")[0] == "mamba-tiny", (rule, wildcards)

@@ -7,20 +7,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from workflow_scripts.plotting import save
+from workflow_scripts.plotting import main_variant, save
 from workflow_scripts.quirky_data import CHARACTERS
 
 
 # ----- steering ------------------------------------------------------------------------------------
-def main_variant(sweep: pd.DataFrame) -> pd.DataFrame:
-    """The paper's main setting: CAA vector, A/B format, last position, where present."""
-    chosen = sweep
-    for column, preferred in (("vector", "caa"), ("format", "ab"), ("n_positions", 1)):
-        values = chosen[column].unique()
-        chosen = chosen[chosen[column] == (preferred if preferred in values else sorted(values)[0])]
-    return chosen
-
-
 def mean_by(sweep: pd.DataFrame, *keys: str) -> pd.DataFrame:
     return sweep.groupby(list(keys), as_index=False)[["p_matching", "nonsense"]].mean()
 

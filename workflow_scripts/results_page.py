@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.figures import main_variant
+from workflow_scripts.plotting import main_variant
+from workflow_scripts.quirky_data import MAX_SHORTCUT_AUROC
 
 # A contrast vector's effect counts as beyond its random baseline only above this multiple of the
 # random vector's best effect (random directions of the same norm move the text by chance).
@@ -60,12 +61,14 @@ def text_steering_lines(summary: pd.DataFrame) -> list[str]:
     """Per model, mode and positions: the contrast vector's effect against the random vector's."""
     lines = []
     for row in summary.itertuples():
-        beyond = np.isfinite(row.random_effect_best_layer) and row.effect > BEYOND_RANDOM * max(row.random_effect_best_layer, 0)
+        random_best = row.random_effect_best_layer
+        beyond = np.isfinite(random_best) and row.effect > BEYOND_RANDOM * max(random_best, 0)
         verdict = "beyond" if beyond else "not beyond"
         lines.append(
-            f"- **{row.model}**, {row.mode} at {row.positions} positions: kind shift {_fmt(row.effect)} nats per token "
-            f"({row.multipliers}) at layer {row.best_layer}; random vector {_fmt(row.random_effect_same_layer)} at that "
-            f"layer, {_fmt(row.random_effect_best_layer)} at its best: {verdict} {BEYOND_RANDOM:g}x the random baseline."
+            f"- **{row.model}**, {row.mode} at {row.positions} positions: kind shift {_fmt(row.effect)} nats per "
+            f"token ({row.multipliers}) at layer {row.best_layer}; random vector "
+            f"{_fmt(row.random_effect_same_layer)} at that layer, {_fmt(random_best)} at its best: {verdict} "
+            f"{BEYOND_RANDOM:g}x the random baseline."
         )
     return lines
 
@@ -81,7 +84,9 @@ def quirky_lines(base: str, dataset: str, accuracy: pd.DataFrame, probes: pd.Dat
         f"{character} {_fmt(row.auroc, 3)} [{_fmt(row.auroc_lo, 3)}, {_fmt(row.auroc_hi, 3)}]"
         for character, row in overall.iterrows()
     )
-    lines.append(f"- **{base} / {dataset}**: test AUROC of the model's answers against each character's own labels: {answers}.")
+    lines.append(
+        f"- **{base} / {dataset}**: test AUROC of the model's answers against each character's own labels: {answers}."
+    )
     selected = probes[probes["selected"]]
     for transfer, group in selected.groupby("transfer", sort=False):
         best = group.sort_values("auroc", ascending=False)
@@ -89,14 +94,18 @@ def quirky_lines(base: str, dataset: str, accuracy: pd.DataFrame, probes: pd.Dat
         lines.append(f"  - probes {transfer}, AUROC against the truth at the selected layer: {parts}.")
     if len(anomaly):
         parts = ", ".join(f"{row.method} {_fmt(row.auroc, 2)}" for row in anomaly.itertuples())
-        lines.append(f"  - anomaly detection (Bob-hard against Alice-hard test statements, Mahalanobis distance of the per-layer probe scores), AUROC: {parts}.")
+        lines.append(
+            "  - anomaly detection (Bob-hard against Alice-hard test statements, Mahalanobis distance of the "
+            f"per-layer probe scores), AUROC: {parts}."
+        )
     leaks = shortcuts[shortcuts["auroc"] > max_shortcut_auroc]
     if len(leaks):
         worst = leaks.sort_values("auroc", ascending=False).iloc[0]
         lines.append(
             f"  - **warning**: the claim alone predicts the truth on {len(leaks)} test subset(s) above AUROC "
-            f"{max_shortcut_auroc:g} (worst: {worst['feature']} on {worst['character']} / {worst['difficulty_bucket']}, "
-            f"{_fmt(worst['auroc'], 2)}), so the probe AUROCs there may come from that shortcut."
+            f"{max_shortcut_auroc:g} (worst: {worst['feature']} on {worst['character']} / "
+            f"{worst['difficulty_bucket']}, {_fmt(worst['auroc'], 2)}), so the probe AUROCs there may come from "
+            "that shortcut."
         )
     elif len(shortcuts):
         lines.append(
@@ -151,3 +160,28 @@ def results_page(sections: list[tuple[str, list[str], list[str]]], report: str =
         if links:
             parts += ["", "Figures and tables: " + ", ".join(f"[{link}]({link})" for link in links)]
     return "\n".join(parts) + "\n"
+
+
+# ----- the report's labels (called through rules/common.smk when the report is made) -----
+def measured_labels(experiment: str, inputs: dict, outputs: dict, wildcards: dict) -> dict:
+    """{"measured": the results page's sentences for this figure's data}."""
+    if experiment == "lens":
+        lines = lens_lines(pd.read_csv(outputs["table"]))
+    elif experiment == "steering":
+        lines = steering_lines(pd.read_csv(outputs["summary"]))
+    elif experiment == "text_steering":
+        lines = text_steering_lines(pd.read_csv(outputs["summary"]))
+    elif experiment == "training":
+        lines = training_lines(pd.read_csv(outputs["table"]))
+    elif experiment == "sae":
+        lines = sae_lines(pd.read_csv(outputs["sae_table"]), pd.read_csv(outputs["shift_table"]), [], [])
+    elif experiment == "quirky":
+        shortcuts = pd.read_csv(inputs["shortcuts"])
+        lines = quirky_lines(
+            wildcards["base"], wildcards["dataset"], pd.read_csv(inputs["accuracy"]), pd.read_csv(inputs["auroc"]),
+            pd.read_csv(inputs["anomaly"]), shortcuts, MAX_SHORTCUT_AUROC,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"experiment={experiment!r} has no measured label")
+    return {"measured": " ".join(line.lstrip("- ").replace("**", "") for line in lines) or "nothing measured"}
+

@@ -21,7 +21,8 @@ def tables(name):
 
 
 def links(paths):
-    return [str(Path(path).relative_to(reports)) if Path(path).is_relative_to(reports) else f"../{path}" for path in paths]
+    """Paths relative to the page (reports/); tables under data/ through ../."""
+    return [str(Path(p).relative_to(reports)) if Path(p).is_relative_to(reports) else f"../{p}" for p in paths]
 
 
 def figures(folder):
