@@ -61,14 +61,18 @@ def test_text_steering_verdict_compares_with_twice_the_random_effect():
     assert ": beyond 2x" in beyond and "not beyond" in not_beyond
 
 
-def test_the_tiny_runs_page_matches_its_tables(finished_run):
-    page = (finished_run / "reports/results.md").read_text()
-    lens = pd.read_csv(finished_run / "reports/tables/lens/ce_by_layer.csv")
-    for model, group in lens.groupby("model"):
+def tuned_below_logit(table_path):
+    """(model, streams before the last block where the tuned lens's CE is below the logit lens's, streams)."""
+    for model, group in pd.read_csv(table_path).groupby("model"):
         ce = group.pivot_table(index="layer", columns="lens", values="ce_bits_per_byte")
         inner = ce.drop(index=ce.index.max())
-        below = int((inner["logit"] > inner["tuned"]).sum())
-        assert f"**{model}**: tuned lens below the logit lens at {below} of {len(inner)} streams" in page
+        yield model, int((inner["logit"] > inner["tuned"]).sum()), len(inner)
+
+
+def test_the_tiny_runs_page_matches_its_tables(finished_run):
+    page = (finished_run / "reports/results.md").read_text()
+    for model, below, streams in tuned_below_logit(finished_run / "reports/tables/lens/ce_by_layer.csv"):
+        assert f"**{model}**: tuned lens below the logit lens at {below} of {streams} streams" in page
     for path in sorted((finished_run / "data/quirky/answers").glob("*/*/accuracy.csv")):
         base, dataset = path.parts[-3], path.parts[-2]
         overall = pd.read_csv(path).query("difficulty == 'all'").set_index("character")["auroc"]
@@ -87,10 +91,6 @@ def test_the_reports_labels_state_the_tables_values(run_copy):
     result = snakemake(run_copy, "--report", "reports/report.html", "--configfile", "configs/test.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
     html = (run_copy / "reports/report.html").read_text()
-    lens = pd.read_csv(run_copy / "reports/tables/lens/ce_by_layer.csv")
-    for model, group in lens.groupby("model"):
-        ce = group.pivot_table(index="layer", columns="lens", values="ce_bits_per_byte")
-        inner = ce.drop(index=ce.index.max())
-        below = int((inner["logit"] > inner["tuned"]).sum())
-        assert f"{model}: tuned lens below the logit lens at {below} of {len(inner)} streams" in html
+    for model, below, streams in tuned_below_logit(run_copy / "reports/tables/lens/ce_by_layer.csv"):
+        assert f"{model}: tuned lens below the logit lens at {below} of {streams} streams" in html
     assert "shortcuts.csv" in html and "accuracy.csv" in html  # tables registered in the report
