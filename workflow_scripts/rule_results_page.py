@@ -16,8 +16,12 @@ log = start_job(sm)
 reports = Path(sm.output.page).parent
 
 
+# Every table read once (the sections below ask for some of them twice).
+_read = {name: [pd.read_csv(path) for path in sm.input[name]] for name in sm.input.keys() if name != "figures"}
+
+
 def tables(name):
-    return [pd.read_csv(path) for path in sm.input[name]] if name in sm.input.keys() else []
+    return _read.get(name, [])
 
 
 def links(paths):
