@@ -1,5 +1,5 @@
 """Training speed of the models the pipeline trains, per family, on the CPU: tokens per second of one
-optimizer step (forward, backward, AdamW) with the exact parallel scans (`pretraining.fast_training`)
+optimizer step (forward, backward, AdamW) with the exact parallel scans (`fast_scans.fast_training`)
 and, for the recurrent families, with transformers' reference path that loops over time.
 
 Prints one JSON line per (family, path) and a summary with `rnn_train_speed_vs_transformer`: the
@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workflow_scripts.pretraining import build_model, fast_training  # noqa: E402
+from workflow_scripts.fast_scans import fast_training  # noqa: E402
+from workflow_scripts.pretraining import build_model  # noqa: E402
 
 VOCAB = 4096
 

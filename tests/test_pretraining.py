@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import pretraining
+from workflow_scripts import fast_scans, pretraining
 
 DOCUMENTS = [f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 5) for i in range(300)] + [
     f"The quick brown fox number {i} jumps over the lazy dog. " * (1 + i % 3) for i in range(300)
@@ -27,7 +27,7 @@ def test_rwkv4_chunked_wkv_equals_the_reference_loop_outputs_and_gradients(lengt
     inputs = [t.clone().requires_grad_() for t in (decay, first, key, value)]
     expected, _ = rwkv_linear_attention_cpu(*inputs)
     outputs = [t.clone().requires_grad_() for t in (decay, first, key, value)]
-    got, _ = pretraining.rwkv4_wkv_chunked(*outputs)
+    got, _ = fast_scans.rwkv4_wkv_chunked(*outputs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     weights = torch.randn(expected.shape, generator=generator)
     for a, b in zip(
@@ -69,7 +69,7 @@ def test_fast_training_gives_the_reference_loss_and_gradients(model_type, config
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     reference_loss, reference_grads = loss_and_gradients()
-    with pretraining.fast_training(model):
+    with fast_scans.fast_training(model):
         fast_loss, fast_grads = loss_and_gradients()
     after_loss, _ = loss_and_gradients()  # the reference path is back
     torch.testing.assert_close(fast_loss, reference_loss, rtol=1e-9, atol=1e-10)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from workflow_scripts import CODE_VERSION
 from workflow_scripts.adapters import ModelAdapter
 from workflow_scripts.atomic import atomic_dir
+from workflow_scripts.fast_scans import fast_training
 from workflow_scripts.model_sources import drop_dequantized_gguf_marks
 from workflow_scripts.quirky_answers import (
     AnswerTokens,
@@ -314,7 +315,7 @@ def finetune_quirky(
     since_eval: list[float] = []
     adapter.set_train_mode(model, True, lora=s.method == "lora")
     bar = tqdm(total=total_steps, desc=f"finetune {name}", unit="step", disable=not progress)
-    try:
+    with fast_training(model), bar:  # recurrent scans in their exact fast forms on a CPU
         for step in range(1, total_steps + 1):
             optimizer.zero_grad(set_to_none=True)
             rows = np.array([next(stream) for _ in range(s.effective_batch)])
@@ -341,8 +342,6 @@ def finetune_quirky(
                 bar.set_postfix(loss=f"{step_loss:.4f}", val=f"{entry['val_loss']:.4f}")
                 if entry["val_loss"] < best["val_loss"]:
                     best = {"step": step, "val_loss": entry["val_loss"], "state": _snapshot(trainable)}
-    finally:
-        bar.close()
 
     _restore(trainable, best["state"])  # the best checkpoint
     seconds = time.perf_counter() - started
