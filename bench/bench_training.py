@@ -1,6 +1,6 @@
 """Training speed of the models the pipeline trains, per family, on the CPU: tokens per second of one
-optimizer step (forward, backward, AdamW) with the exact parallel scans (`fast_scans.fast_training`)
-and, for the recurrent families, with transformers' reference path that loops over time.
+optimizer step (forward, backward, AdamW) with the exact fast scans (`fast_scans.fast_training`)
+and, for the recurrent families, with transformers' reference path (autograd through a loop over time).
 
 Prints one JSON line per (family, path) and a summary with `rnn_train_speed_vs_transformer`: the
 slowest recurrent family's tokens/s over the same-size transformer's (target >= 0.5).
