@@ -30,9 +30,15 @@ def quirky_tables(shortcut_auroc):
         [{"character": c, "difficulty": d, "auroc": a, "auroc_lo": a - 0.05, "auroc_hi": a + 0.05}
          for c, a in (("Alice", 0.9), ("Bob", 0.8)) for d in ("all", "hard")]  # fmt: skip
     )
+    # lr's selected layer 1 is below the random directions' 97.5th percentile there, ccs's layer 2 above
     probes = pd.DataFrame(
         [{"layer": 1, "method": "lr", "transfer": "A_easy->B_hard", "auroc": 0.7, "selected": True},
-         {"layer": 2, "method": "lr", "transfer": "A_easy->B_hard", "auroc": 0.95, "selected": False}]  # fmt: skip
+         {"layer": 2, "method": "lr", "transfer": "A_easy->B_hard", "auroc": 0.95, "selected": False},
+         {"layer": 2, "method": "ccs", "transfer": "A_easy->B_hard", "auroc": 0.8, "selected": True},
+         {"layer": 1, "method": "random", "transfer": "A_easy->B_hard", "auroc": 0.5, "auroc_hi": 0.75,
+          "selected": True},
+         {"layer": 2, "method": "random", "transfer": "A_easy->B_hard", "auroc": 0.5, "auroc_hi": 0.78,
+          "selected": False}]  # fmt: skip
     )
     anomaly = pd.DataFrame([{"method": "mahalanobis", "auroc": 0.6}])
     shortcuts = pd.DataFrame(
@@ -45,7 +51,9 @@ def test_quirky_sentences_use_the_selected_layer_and_warn_of_shortcuts():
     lines = quirky_lines("base", "addition", *quirky_tables(0.87), max_shortcut_auroc=0.75)
     text = "\n".join(lines)
     assert "Alice 0.900 [0.850, 0.950]" in text and "Bob 0.800" in text
-    assert "lr 0.70 (layer 1)" in text and "(layer 2)" not in text  # the unselected layer is not reported
+    assert "lr 0.70 (layer 1; random up to 0.75)" in text and "lr 0.95" not in text  # unselected: not reported
+    assert "ccs 0.80 (layer 2; random up to 0.78)" in text and "random 0.50" not in text
+    assert "1 of 2 above the 97.5th percentile of random directions" in text
     assert "**warning**" in text and "claim_size on Bob / hard, 0.87" in text
     clean = "\n".join(quirky_lines("base", "addition", *quirky_tables(0.6), max_shortcut_auroc=0.75))
     assert "warning" not in clean and "at most 0.60" in clean

@@ -87,11 +87,25 @@ def quirky_lines(base: str, dataset: str, accuracy: pd.DataFrame, probes: pd.Dat
     lines.append(
         f"- **{base} / {dataset}**: test AUROC of the model's answers against each character's own labels: {answers}."
     )
-    selected = probes[probes["selected"]]
+    # The random baseline is many directions per layer; a probe is only evidence of more than the
+    # activations' gross structure (e.g. a shortcut in the claims) where it beats most of them.
+    random = probes[probes["method"] == "random"].set_index(["transfer", "layer"])
+    selected = probes[probes["selected"] & (probes["method"] != "random")]
     for transfer, group in selected.groupby("transfer", sort=False):
-        best = group.sort_values("auroc", ascending=False)
-        parts = ", ".join(f"{row.method} {_fmt(row.auroc, 2)} (layer {row.layer})" for row in best.itertuples())
-        lines.append(f"  - probes {transfer}, AUROC against the truth at the selected layer: {parts}.")
+        parts, above = [], 0
+        for row in group.sort_values("auroc", ascending=False).itertuples():
+            band = random["auroc_hi"].get((transfer, row.layer))
+            if band is None:
+                parts.append(f"{row.method} {_fmt(row.auroc, 2)} (layer {row.layer})")
+                continue
+            above += row.auroc > band
+            parts.append(f"{row.method} {_fmt(row.auroc, 2)} (layer {row.layer}; random up to {_fmt(band, 2)})")
+        verdict = (
+            f" {above} of {len(group)} above the 97.5th percentile of random directions at their layer."
+            if len(random) else ""
+        )
+        parts = ", ".join(parts)
+        lines.append(f"  - probes {transfer}, AUROC against the truth at the selected layer: {parts}.{verdict}")
     if len(anomaly):
         parts = ", ".join(f"{row.method} {_fmt(row.auroc, 2)}" for row in anomaly.itertuples())
         lines.append(
