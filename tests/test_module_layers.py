@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "workflow_scripts"
 # Every module of workflow_scripts is in exactly one layer; a new module must be placed here.
 LAYERS = {
     "infrastructure": {"__init__", "atomic", "jobs", "configuration", "prefetch", "schedules"},
-    "adapters": {"adapters", "model_sources", "family_traits", "rwkv_package"},
+    "adapters": {"adapters", "model_sources", "family_traits", "rwkv_package", "fast_scans"},
     # data formats and the pieces stages share
     "shared": {"activations", "behavior_data", "quirky_data", "quirky_answers", "prompts", "corpus", "plotting"},
     "stages": {
