@@ -36,6 +36,35 @@ def test_rwkv4_chunked_wkv_equals_the_reference_loop_outputs_and_gradients(lengt
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
+def test_selective_scan_equals_a_token_by_token_loop_outputs_and_gradients():
+    generator = torch.Generator().manual_seed(0)
+    batch, channels, state, length = 2, 6, 4, 9
+    u = torch.randn(batch, channels, length, generator=generator, dtype=torch.float64)
+    delta = torch.nn.functional.softplus(torch.randn(batch, channels, length, generator=generator, dtype=torch.float64))
+    A = -torch.rand(channels, state, generator=generator, dtype=torch.float64) * 8  # strong and weak decays
+    B, C = (torch.randn(batch, state, length, generator=generator, dtype=torch.float64) for _ in range(2))
+
+    def loop(u, delta, A, B, C):  # the recurrence itself, one token at a time from a zero state
+        h = torch.zeros(batch, channels, state, dtype=torch.float64)
+        ys = []
+        for t in range(length):
+            h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
+            ys.append((h * C[:, None, :, t]).sum(-1))
+        return torch.stack(ys, -1)
+
+    expected_inputs = [t.clone().requires_grad_() for t in (u, delta, A, B, C)]
+    got_inputs = [t.clone().requires_grad_() for t in (u, delta, A, B, C)]
+    expected = loop(*expected_inputs)
+    got = fast_scans.SelectiveScan.apply(*got_inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    weights = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    for a, b in zip(
+        torch.autograd.grad((expected * weights).sum(), expected_inputs),
+        torch.autograd.grad((got * weights).sum(), got_inputs),
+    ):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "model_type, config",
     [
