@@ -87,8 +87,8 @@ def quirky_lines(base: str, dataset: str, accuracy: pd.DataFrame, probes: pd.Dat
     lines.append(
         f"- **{base} / {dataset}**: test AUROC of the model's answers against each character's own labels: {answers}."
     )
-    # The random baseline is many directions per layer; a probe is only evidence of more than the
-    # activations' gross structure (e.g. a shortcut in the claims) where it beats most of them.
+    # The random baseline is 1000 directions per layer; a probe shows more than the activations' gross
+    # structure (e.g. a shortcut in the claims) only where it beats nearly all of them (97.5th percentile).
     random = probes[probes["method"] == "random"].set_index(["transfer", "layer"])
     selected = probes[probes["selected"] & (probes["method"] != "random")]
     for transfer, group in selected.groupby("transfer", sort=False):
