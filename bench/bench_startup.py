@@ -1,21 +1,30 @@
-"""What the workflow adds to Snakemake's own start-up, for a no-op rerun and for dry runs.
+"""What the workflow adds to Snakemake's own start-up on a no-op rerun, against Snakemake's floor.
 
-Runs, interleaved so that machine noise hits every command alike, N rounds of:
-  version   `snakemake --version`                       (the issue's baseline: imports and argument parsing)
-  empty     `snakemake -n -q` on a one-rule Snakefile     (Snakemake's whole machinery, no workflow code)
-  <config>  `snakemake -n -q --configfile <config>`       (this workflow: config check, rules, DAG)
-and prints the median wall time of each and each config's excess over `version` and over `empty`.
-A config whose outputs all exist (after `make demo` for config.yaml) measures a true no-op rerun;
-others measure planning every job (configs/paper.yaml: 240 jobs).
+For each config, a scratch copy of the repository is made in which every output of the config exists and
+carries Snakemake's metadata, as after a complete run: the outputs are written as placeholders (empty
+folders for `directory()` outputs) and recorded with `snakemake --touch --forceall`, which writes the
+metadata that the rerun triggers (params, input, code, software environment) read. Then, interleaved so
+that machine noise hits every command alike, N rounds of:
+  version     `snakemake --version`                      (the issue's baseline: imports, argument parsing)
+  <config>    `snakemake -n -q --configfile <config>`    (a true no-op rerun of this workflow)
+  bare-<n>    `snakemake -n -q` on a generated workflow of the same number of jobs, each one input and
+              one output, no params, logs or workflow code, every output present with its metadata:
+              Snakemake's own per-job floor for a DAG of that size
+Prints each command's median wall and CPU time and each config's excess over `version` and over its
+bare floor. CPU time (user + system of the child) is printed because wall time on a shared machine
+swings by tenths of a second between rounds.
 
-Run: .venv/bin/python bench/bench_startup.py [--rounds 7] [--configs config.yaml configs/paper.yaml]
-Needs no running Snakemake in this directory (a dry run waits for the lock otherwise).
+Run: .venv/bin/python bench/bench_startup.py [--rounds 9] [--configs configs/test.yaml configs/paper.yaml]
+Making the copies takes ~10 s per 100 jobs (the touch run); nothing in the repository is changed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -27,42 +36,120 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def timed(command: list[str], cwd: Path) -> float:
+def run(command: list[str], cwd: Path) -> tuple[float, float, str]:
+    """(wall s, CPU s of the child, stdout); exits with the command's error if it fails."""
+    env = {**os.environ, "PYTHONPATH": str(cwd / "workflow_scripts")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    return elapsed
+        sys.exit(f"{' '.join(command)} failed in {cwd}:\n{result.stderr[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, result.stdout
+
+
+def directory_patterns(repo: Path) -> list[re.Pattern]:
+    """The workflow's directory() outputs as regexes (a wildcard matches one path component)."""
+    patterns = []
+    for rule_file in [repo / "Snakefile", *sorted((repo / "rules").glob("*.smk"))]:
+        for pattern in re.findall(r'directory\(\s*"([^"]+)"', rule_file.read_text()):
+            parts = re.split(r"(\{[^}]+\})", pattern)
+            regex = "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts)
+            patterns.append(re.compile(regex + "$"))
+    return patterns
+
+
+def assert_noop(directory: Path, options: list[str]) -> None:
+    _, _, out = run([*SNAKEMAKE, "-n", *options], directory)
+    if "Nothing to be done" not in out:
+        sys.exit(f"the scratch copy in {directory} is not a no-op:\n{out[-2000:]}")
+
+
+def make_noop_copy(config: str, destination: Path) -> int:
+    """A copy of the tracked files in which every output of `config` exists with its metadata; returns
+    the number of jobs of a full run."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        source, target = ROOT / name, destination / name
+        if source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    options = ["--configfile", config]
+    _, _, summary = run([*SNAKEMAKE, "--summary", *options], destination)
+    outputs = [line.split("\t")[0] for line in summary.splitlines()[1:] if line.strip()]
+    directories = directory_patterns(destination)
+    for output in outputs:
+        path = destination / output
+        if any(pattern.match(output) for pattern in directories):
+            path.mkdir(parents=True, exist_ok=True)
+        elif not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}\n")
+    _, _, touched = run([*SNAKEMAKE, "--touch", "--forceall", "--cores", "1", *options], destination)
+    _, _, plan = run([*SNAKEMAKE, "-n", "--forceall", *options], destination)
+    jobs = re.search(r"^total\s+(\d+)", plan, flags=re.MULTILINE)
+    assert_noop(destination, options)
+    return int(jobs.group(1))
+
+
+def make_bare_workflow(jobs: int, destination: Path) -> None:
+    """`jobs` jobs (a target rule, one shared input, jobs - 2 one-in-one-out jobs), all done."""
+    n = jobs - 2
+    destination.mkdir(parents=True)
+    (destination / "Snakefile").write_text(
+        f'rule all:\n    input: expand("out/{{i}}.txt", i=range({n}))\n\n'
+        'rule step:\n    input: "shared.txt"\n    output: "out/{i}.txt"\n    shell: "touch {output}"\n\n'
+        'rule shared:\n    output: "shared.txt"\n    shell: "touch {output}"\n'
+    )
+    (destination / "out").mkdir()
+    (destination / "shared.txt").write_text("")
+    for i in range(n):
+        (destination / "out" / f"{i}.txt").write_text("")
+    run([*SNAKEMAKE, "--touch", "--forceall", "--cores", "1", "-q"], destination)
+    assert_noop(destination, [])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--configs", nargs="+", default=["config.yaml", "configs/test.yaml", "configs/paper.yaml"])
     parser.add_argument("--quick", action="store_true", help="3 rounds")
     args = parser.parse_args()
     rounds = 3 if args.quick else args.rounds
-    with tempfile.TemporaryDirectory() as empty_dir:
-        Path(empty_dir, "Snakefile").write_text('rule all:\n    output: "done"\n    shell: "touch {output}"\n')
-        commands = {
-            "version": ([*SNAKEMAKE, "--version"], ROOT),
-            "empty": ([*SNAKEMAKE, "-n", "-q", "--cores", "1"], Path(empty_dir)),
-            **{config: ([*SNAKEMAKE, "-n", "-q", "--configfile", config], ROOT) for config in args.configs},
-        }
-        times: dict[str, list[float]] = {name: [] for name in commands}
+    with tempfile.TemporaryDirectory() as scratch:
+        commands: dict[str, tuple[list[str], Path]] = {"version": ([*SNAKEMAKE, "--version"], Path(scratch))}
+        floors: dict[str, str] = {}
+        for config in args.configs:
+            copy = Path(scratch, Path(config).stem)
+            jobs = make_noop_copy(config, copy)
+            bare = f"bare-{jobs}"
+            if bare not in commands:
+                make_bare_workflow(jobs, Path(scratch, bare))
+                commands[bare] = ([*SNAKEMAKE, "-n", "-q", "--cores", "1"], Path(scratch, bare))
+            commands[config] = ([*SNAKEMAKE, "-n", "-q", "--configfile", config], copy)
+            floors[config] = bare
+            print(json.dumps({"benchmark": "startup", "config": config, "jobs": jobs}), flush=True)
+        wall: dict[str, list[float]] = {name: [] for name in commands}
+        cpu: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(rounds):
             for name, (command, cwd) in commands.items():
-                times[name].append(timed(command, cwd))
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    for name, median in medians.items():
-        print(json.dumps({"benchmark": "startup", "command": name, "median_s": round(median, 3), "rounds": rounds}))
-    summary = {"benchmark": "startup", "snakemake_version_s": round(medians["version"], 3),
-               "snakemake_empty_workflow_s": round(medians["empty"], 3)}  # fmt: skip
+                seconds, cpu_seconds, _ = run(command, cwd)
+                wall[name].append(seconds)
+                cpu[name].append(cpu_seconds)
+    median_wall = {name: statistics.median(values) for name, values in wall.items()}
+    median_cpu = {name: statistics.median(values) for name, values in cpu.items()}
+    for name in commands:
+        print(json.dumps({"benchmark": "startup", "command": name, "rounds": rounds,
+                          "wall_s": round(median_wall[name], 3), "cpu_s": round(median_cpu[name], 3)}))  # fmt: skip
+    summary = {"benchmark": "startup", "snakemake_version_s": round(median_wall["version"], 3)}
     for config in args.configs:
-        key = Path(config).stem
-        summary[f"workflow_over_version_s_{key}"] = round(medians[config] - medians["version"], 3)
-        summary[f"workflow_over_empty_s_{key}"] = round(medians[config] - medians["empty"], 3)
+        key, floor = Path(config).stem, floors[config]
+        summary[f"noop_over_version_s_{key}"] = round(median_wall[config] - median_wall["version"], 3)
+        summary[f"noop_over_version_cpu_s_{key}"] = round(median_cpu[config] - median_cpu["version"], 3)
+        summary[f"floor_over_version_s_{key}"] = round(median_wall[floor] - median_wall["version"], 3)
+        summary[f"noop_over_floor_cpu_s_{key}"] = round(median_cpu[config] - median_cpu[floor], 3)
     print(json.dumps(summary))
 
 
