@@ -87,7 +87,7 @@ def make_noop_copy(config: str, destination: Path) -> int:
         elif not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("{}\n")
-    _, _, touched = run([*SNAKEMAKE, "--touch", "--forceall", "--cores", "1", *options], destination)
+    run([*SNAKEMAKE, "--touch", "--forceall", "--cores", "1", *options], destination)
     _, _, plan = run([*SNAKEMAKE, "-n", "--forceall", *options], destination)
     jobs = re.search(r"^total\s+(\d+)", plan, flags=re.MULTILINE)
     assert_noop(destination, options)
