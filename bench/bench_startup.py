@@ -16,6 +16,11 @@ swings by tenths of a second between rounds.
 
 Run: .venv/bin/python bench/bench_startup.py [--rounds 9] [--configs configs/test.yaml configs/paper.yaml]
 Making the copies takes ~10 s per 100 jobs (the touch run); nothing in the repository is changed.
+
+`--plugin-cost` measures instead what the SLURM executor plugin (the `slurm` extra, `make slurm-setup`)
+adds to every snakemake command: `snakemake --version` through one launcher, interleaved, with the
+plugin visible and with it hidden from Snakemake's plugin discovery (pkgutil.iter_modules), so one
+environment serves both arms. It needs the plugin installed.
 """
 
 from __future__ import annotations
@@ -111,13 +116,59 @@ def make_bare_workflow(jobs: int, destination: Path) -> None:
     assert_noop(destination, [])
 
 
+# Runs snakemake's command line; with HIDE_PLUGINS set, Snakemake's plugin discovery does not see the
+# named packages (as if they were not installed).
+LAUNCHER = """
+import os, pkgutil, sys
+hidden = tuple(filter(None, os.environ.get("HIDE_PLUGINS", "").split(",")))
+if hidden:
+    listed = pkgutil.iter_modules
+    pkgutil.iter_modules = lambda *a, **k: (m for m in listed(*a, **k) if not m.name.startswith(hidden))
+from snakemake.cli import main
+sys.argv = ["snakemake", *sys.argv[1:]]
+main()
+"""
+
+
+def plugin_cost(rounds: int) -> None:
+    """`snakemake --version` with the SLURM executor plugin visible and hidden, interleaved."""
+    import importlib.util
+
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        sys.exit("the SLURM executor plugin is not installed here (make slurm-setup): nothing to compare")
+    arms = {"with_slurm_plugin": "", "without_slurm_plugin": "snakemake_executor_plugin_slurm"}
+    wall: dict[str, list[float]] = {arm: [] for arm in arms}
+    cpu: dict[str, list[float]] = {arm: [] for arm in arms}
+    with tempfile.TemporaryDirectory() as scratch:
+        for _ in range(rounds):
+            for arm, hidden in arms.items():
+                os.environ["HIDE_PLUGINS"] = hidden
+                seconds, cpu_seconds, out = run([sys.executable, "-c", LAUNCHER, "--version"], Path(scratch))
+                assert out.strip(), "snakemake --version printed nothing"
+                wall[arm].append(seconds)
+                cpu[arm].append(cpu_seconds)
+    os.environ.pop("HIDE_PLUGINS")
+    summary = {"benchmark": "startup_plugin_cost", "rounds": rounds}
+    for arm in arms:
+        summary[f"version_wall_s_{arm}"] = round(statistics.median(wall[arm]), 3)
+        summary[f"version_cpu_s_{arm}"] = round(statistics.median(cpu[arm]), 3)
+    summary["plugin_cost_wall_s"] = round(
+        summary["version_wall_s_with_slurm_plugin"] - summary["version_wall_s_without_slurm_plugin"], 3
+    )
+    print(json.dumps(summary))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--configs", nargs="+", default=["config.yaml", "configs/test.yaml", "configs/paper.yaml"])
     parser.add_argument("--quick", action="store_true", help="3 rounds")
+    parser.add_argument("--plugin-cost", action="store_true", help="what the SLURM plugin adds to start-up")
     args = parser.parse_args()
     rounds = 3 if args.quick else args.rounds
+    if args.plugin_cost:
+        plugin_cost(rounds)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         commands: dict[str, tuple[list[str], Path]] = {"version": ([*SNAKEMAKE, "--version"], Path(scratch))}
         floors: dict[str, str] = {}

@@ -6,8 +6,9 @@
 #
 #   sudo tests/slurm/run_slurm_test.sh   # as root; ~3 minutes on 2 cores once the packages are installed
 #
-# Needs: root, Debian/Ubuntu with apt (the packages are installed when missing), the project's .venv
-# (or PYTHON=/path/to/python with snakemake and snakemake-executor-plugin-slurm).
+# Needs: root, Debian/Ubuntu with apt (the packages are installed when missing), the project's .venv with
+# the SLURM plugin (`make slurm-setup`; or PYTHON=/path/to/python with snakemake and
+# snakemake-executor-plugin-slurm).
 # Everything it starts (mariadbd, munged unless one already answers, slurmdbd, slurmctld, slurmd) is
 # stopped on exit, and its temporary directory removed (SLURM_TEST_KEEP=1 keeps it for debugging).
 # Ports: SLURM_TEST_CTLD_PORT (6817), SLURM_TEST_SLURMD_PORT (6818), SLURM_TEST_DBD_PORT (6819),
@@ -37,7 +38,7 @@ die() { log "FAIL: $*"; exit 1; }
 [[ $(id -u) -eq 0 ]] || die "run as root (it installs packages and starts the SLURM daemons)"
 [[ -x $PY ]] || die "no Python at $PY (run 'make .venv' or set PYTHON)"
 "$PY" -c 'import snakemake, snakemake_executor_plugin_slurm' 2>/dev/null \
-    || die "$PY lacks snakemake or snakemake-executor-plugin-slurm"
+    || die "$PY lacks snakemake or snakemake-executor-plugin-slurm (make slurm-setup installs it)"
 
 # ----- state for the cleanup -------------------------------------------------------------------------
 WORK=""
