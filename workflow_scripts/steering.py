@@ -100,14 +100,20 @@ def caa_vectors(positive, negative) -> torch.Tensor:
 
 
 def lda_vectors(positive, negative) -> torch.Tensor:
-    """(L, D) float32: per layer pinv(Cov(positives and negatives together)) @ CAA vector."""
+    """(L, D) float32: per layer pinv(Cov(positives and negatives together)) @ CAA vector.
+
+    The pseudo-inverse drops directions whose variance is below D * 1.19e-7 (float32's epsilon) of the
+    largest: the cutoff the reference's float32 `pinv` applies by default (3e-4 of the largest at
+    D = 2560). With fewer items than dimensions the covariance is singular, and float64's own cutoff
+    (~1e-12) would invert near-null directions, giving a vector of another norm and direction."""
     pos, neg = _check_pair(positive, negative)
     difference = pos.mean(0) - neg.mean(0)
     together = torch.cat([pos, neg])  # (2N, L, D)
+    cutoff = together.shape[2] * torch.finfo(torch.float32).eps
     vectors = []
     for layer in range(together.shape[1]):
         covariance = torch.cov(together[:, layer].T)  # unbiased, as torch's and numpy's default
-        vectors.append(torch.linalg.pinv(covariance, hermitian=True) @ difference[layer])
+        vectors.append(torch.linalg.pinv(covariance, hermitian=True, rtol=cutoff) @ difference[layer])
     return torch.stack(vectors).float()
 
 
