@@ -120,17 +120,21 @@ def test_distractor_fraction():
     assert not (no_distractors["claim_kind"] == "distractor").any()
 
 
-def shortcut_auroc_by_hand(frame, character, bucket, feature):
+def shortcut_auroc_by_hand(frame, character, bucket, feature, subset="all"):
     """Best AUROC of one claim feature for the truth on a test subset, the rule read off the same
-    subset of train: size by its better orientation, categorical features by each value's share."""
+    subset of train: size by its better orientation, categorical features by each value's share.
+    subset "disagreement" keeps the rows with a true or Bob's claim (no distractor)."""
+    if subset == "disagreement":
+        frame = frame[frame.claim_kind != "distractor"]
     fit = frame[(frame.split == "train") & (frame.character == character) & (frame.difficulty_bucket == bucket)]
     test = frame[(frame.split == "test") & (frame.character == character) & (frame.difficulty_bucket == bucket)]
 
     def values(rows):
         claims = rows["claimed"].tolist()
         return {
-            "size": claims, "digits": [len(str(abs(c))) for c in claims], "last": [abs(c) % 10 for c in claims]
-        }[feature]
+            "size": claims, "digits": [len(str(abs(c))) for c in claims], "last": [abs(c) % 10 for c in claims],
+            "lead": [int(str(abs(c))[0]) * (1 if c >= 0 else -1) for c in claims],
+        }[feature]  # fmt: skip
 
     fit_values, test_values = values(fit), values(test)
     if feature == "size":
@@ -169,9 +173,11 @@ def test_no_claim_feature_gives_the_truth_away(settings):
     frame = generate_quirky(seed=0, **settings)
     for character in ("Alice", "Bob"):
         for bucket in ("easy", "middle", "hard"):
-            for feature in ("size", "digits", "last"):
-                auroc = shortcut_auroc_by_hand(frame, character, bucket, feature)
-                assert auroc <= quirky_data.MAX_SHORTCUT_AUROC, (settings, character, bucket, feature, auroc)
+            for feature in ("size", "digits", "last", "lead"):
+                for subset in ("all", "disagreement"):
+                    auroc = shortcut_auroc_by_hand(frame, character, bucket, feature, subset)
+                    where = (settings, character, bucket, feature, subset, auroc)
+                    assert auroc <= quirky_data.MAX_SHORTCUT_AUROC, where
 
 
 def test_shortcut_aurocs_agree_with_the_hand_computation_and_flag_a_leaky_design():
@@ -179,10 +185,13 @@ def test_shortcut_aurocs_agree_with_the_hand_computation_and_flag_a_leaky_design
     and Bob's result is always 100 above it, so the claim's size leaks; the check must see it."""
     leaky = generate_quirky("addition", 4000, seed=0, operand_range=(1, 99))
     table = quirky_data.shortcut_aurocs(leaky)
-    assert len(table) == 2 * 3 * 3
+    assert len(table) == 2 * 3 * 4 * 2  # characters x buckets x features x subsets
+    short_names = {"claim_size": "size", "claim_digits": "digits", "claim_last_digit": "last",
+                   "claim_leading_digit": "lead"}  # fmt: skip
     for row in table.itertuples():
-        short = {"claim_size": "size", "claim_digits": "digits", "claim_last_digit": "last"}[row.feature]
-        assert row.auroc == pytest.approx(shortcut_auroc_by_hand(leaky, row.character, row.difficulty_bucket, short))
+        short = short_names[row.feature]
+        by_hand = shortcut_auroc_by_hand(leaky, row.character, row.difficulty_bucket, short, row.subset)
+        assert row.auroc == pytest.approx(by_hand)
     hard_size = table[(table.difficulty_bucket == "hard") & (table.feature == "claim_size")]["auroc"]
     assert (hard_size > quirky_data.MAX_SHORTCUT_AUROC).all()
 

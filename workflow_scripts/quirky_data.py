@@ -472,18 +472,28 @@ def _evenly_spaced(rng, count: int, fraction: float) -> np.ndarray:
 
 # ----- shortcut check ---------------------------------------------------------------------------
 
-# Features of the claim that can be read without doing the arithmetic.
-SHORTCUT_FEATURES = ("claim_size", "claim_digits", "claim_last_digit")
+# Features of the claim that can be read without doing the arithmetic. The leading digit (with the
+# sign) matters on rows where Alice and Bob disagree: Bob's error raises it, true sums follow Benford.
+SHORTCUT_FEATURES = ("claim_size", "claim_digits", "claim_last_digit", "claim_leading_digit")
 MAX_SHORTCUT_AUROC = 0.75
+# Row subsets the check covers: every row, and the rows where the characters' labels differ (a true or a
+# Bob's claim, no distractor), on which the probes' A->A, A->B and B->A transfers are scored.
+SHORTCUT_SUBSETS = {"all": ("truth", "bob", "distractor"), "disagreement": ("truth", "bob")}
+
+
+def _leading_digit(value: int) -> int:
+    digits = str(abs(int(value)))
+    return int(digits[0]) * (-1 if value < 0 else 1)
 
 
 def shortcut_aurocs(frame: pd.DataFrame, fit_split: str = "train", eval_split: str = "test") -> pd.DataFrame:
-    """How well each SHORTCUT_FEATURES alone predicts the truth on every (character, difficulty bucket)
-    of eval_split: AUROC of the rule fitted on the same subset of fit_split (claim size: its better
-    orientation; digit count and last digit: the share of true claims per value). High values mean a
-    probe could score well without the arithmetic; a design that leaks is reported by prepare_quirky.
+    """How well each SHORTCUT_FEATURES alone predicts the truth on every (character, difficulty bucket,
+    SHORTCUT_SUBSETS) of eval_split: AUROC of the rule fitted on the same subset of fit_split (claim size:
+    its better orientation; digit count, last and leading digit: the share of true claims per value). High
+    values mean a probe could score well without the arithmetic; a design that leaks is reported by
+    prepare_quirky.
 
-    Returns rows of character, difficulty_bucket, feature, auroc, n_rows.
+    Returns rows of character, difficulty_bucket, subset, feature, auroc, n_rows.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -491,28 +501,36 @@ def shortcut_aurocs(frame: pd.DataFrame, fit_split: str = "train", eval_split: s
         "claim_size": lambda c: c.astype(float),
         "claim_digits": lambda c: np.array([len(str(abs(int(v)))) for v in c]),
         "claim_last_digit": lambda c: np.abs(c) % 10,
+        "claim_leading_digit": lambda c: np.array([_leading_digit(v) for v in c]),
     }
+    columns = ["character", "difficulty_bucket", "subset", "feature", "auroc", "n_rows"]
     rows = []
-    for (character, bucket), test in frame[frame["split"] == eval_split].groupby(["character", "difficulty_bucket"]):
-        fit = frame[
-            (frame["split"] == fit_split) & (frame["character"] == character) & (frame["difficulty_bucket"] == bucket)
-        ]
-        truth = test["truth_label"].to_numpy()
-        if len(set(truth)) < 2 or fit["truth_label"].nunique() < 2:
-            continue
-        for name, feature in features.items():
-            fit_values, values = feature(fit["claimed"].to_numpy()), feature(test["claimed"].to_numpy())
-            if name == "claim_size":
-                sign = 1.0 if roc_auc_score(fit["truth_label"], fit_values) >= 0.5 else -1.0
-                score = sign * values
-            else:
-                share = pd.Series(fit["truth_label"].to_numpy()).groupby(fit_values).mean()
-                score = pd.Series(values).map(share).fillna(fit["truth_label"].mean()).to_numpy()
-            rows.append(
-                {"character": character, "difficulty_bucket": bucket, "feature": name,
-                 "auroc": float(roc_auc_score(truth, score)), "n_rows": len(test)}
-            )  # fmt: skip
-    return pd.DataFrame(rows, columns=["character", "difficulty_bucket", "feature", "auroc", "n_rows"])
+    for subset, kinds in SHORTCUT_SUBSETS.items():
+        rows_of_subset = frame[frame["claim_kind"].isin(kinds)]
+        for (character, bucket), test in rows_of_subset[rows_of_subset["split"] == eval_split].groupby(
+            ["character", "difficulty_bucket"]
+        ):
+            fit = rows_of_subset[
+                (rows_of_subset["split"] == fit_split)
+                & (rows_of_subset["character"] == character)
+                & (rows_of_subset["difficulty_bucket"] == bucket)
+            ]
+            truth = test["truth_label"].to_numpy()
+            if len(set(truth)) < 2 or fit["truth_label"].nunique() < 2:
+                continue
+            for name, feature in features.items():
+                fit_values, values = feature(fit["claimed"].to_numpy()), feature(test["claimed"].to_numpy())
+                if name == "claim_size":
+                    sign = 1.0 if roc_auc_score(fit["truth_label"], fit_values) >= 0.5 else -1.0
+                    score = sign * values
+                else:
+                    share = pd.Series(fit["truth_label"].to_numpy()).groupby(fit_values).mean()
+                    score = pd.Series(values).map(share).fillna(fit["truth_label"].mean()).to_numpy()
+                rows.append(
+                    {"character": character, "difficulty_bucket": bucket, "subset": subset, "feature": name,
+                     "auroc": float(roc_auc_score(truth, score)), "n_rows": len(test)}
+                )  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
 
 
 def make_table(settings: dict, seed: int) -> pd.DataFrame:

@@ -73,6 +73,11 @@ def text_steering_lines(summary: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _subset_note(row) -> str:
+    """", rows where Alice and Bob disagree" for a shortcut row of that subset (tables before it had none)."""
+    return ", rows where Alice and Bob disagree" if row.get("subset") == "disagreement" else ""
+
+
 def quirky_lines(base: str, dataset: str, accuracy: pd.DataFrame, probes: pd.DataFrame, anomaly: pd.DataFrame,
                  shortcuts: pd.DataFrame, max_shortcut_auroc: float) -> list[str]:
     """One fine-tuned model: whether its answers follow each character's labels (test AUROC), the
@@ -118,12 +123,13 @@ def quirky_lines(base: str, dataset: str, accuracy: pd.DataFrame, probes: pd.Dat
         lines.append(
             f"  - **warning**: the claim alone predicts the truth on {len(leaks)} test subset(s) above AUROC "
             f"{max_shortcut_auroc:g} (worst: {worst['feature']} on {worst['character']} / "
-            f"{worst['difficulty_bucket']}, {_fmt(worst['auroc'], 2)}), so the probe AUROCs there may come from "
+            f"{worst['difficulty_bucket']}{_subset_note(worst)}, {_fmt(worst['auroc'], 2)}), so the probe AUROCs "
+            "there may come from "
             "that shortcut."
         )
     elif len(shortcuts):
         lines.append(
-            f"  - the claim alone (size, digit count, last digit) predicts the truth at AUROC at most "
+            f"  - the claim alone (size, digit count, last or leading digit) predicts the truth at AUROC at most "
             f"{_fmt(shortcuts['auroc'].max(), 2)} on any test subset."
         )
     return lines

@@ -15,7 +15,7 @@ with atomic_path(sm.output.table) as tmp:
 statements, pairs = prompt_sets(table)
 atomic_write_text(sm.output.statements, "".join(json.dumps(line) + "\n" for line in statements))
 atomic_write_text(sm.output.pairs, "".join(json.dumps(line) + "\n" for line in pairs))
-# Can the claim alone (size, digits, last digit) tell the truth on a test subset? Then probes can cheat.
+# Can the claim alone (size, digits, last or leading digit) tell the truth on a test subset? Then probes can cheat.
 shortcuts = shortcut_aurocs(table)
 with atomic_path(sm.output.shortcuts) as tmp:
     shortcuts.to_csv(tmp, index=False)
