@@ -189,6 +189,7 @@ def test_balanced_accuracy_does_not_reward_always_false():
         ("max_steps", 0),
         ("betas", [0.9, 1.2]),
         ("effective_batch", 0),
+        ("max_grad_norm", 0),
     ],
 )
 def test_the_config_schema_refuses_a_bad_setting_naming_it(setting, value):
@@ -359,6 +360,26 @@ def test_best_checkpoint_by_validation_loss_is_saved(tiny_adapters, quirky, tmp_
     for param_name, value in saved.items():
         assert torch.equal(value, weights[2][param_name]), param_name
     assert any(not torch.equal(value, weights[-1][n]) for n, value in saved.items())
+
+
+def test_max_grad_norm_clips_every_step_before_the_optimizer_steps(tiny_adapters, quirky, tmp_path, monkeypatch):
+    """With max_grad_norm (configs/paper.yaml: 1.0, as the reference's Trainer), each step's gradient
+    reaches the optimizer with norm at most that value; without it, no step is clipped."""
+    adapter = tiny_adapters[FAMILIES["transformer"]]
+    seen = []
+    original_step = torch.optim.AdamW.step
+
+    def observed_step(optimizer, *args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))))
+        return original_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", observed_step)
+    run(adapter, quirky, tmp_path / "clipped", method="full", lr=1e-2, max_steps=4, eval_every=4, max_grad_norm=1e-3)
+    assert len(seen) == 4 and max(seen) <= 1e-3 * (1 + 1e-4), seen
+    seen.clear()
+    run(adapter, quirky, tmp_path / "free", method="full", lr=1e-2, max_steps=4, eval_every=4)
+    assert len(seen) == 4 and min(seen) > 1e-3, seen  # the same model's gradients are far above the clip
 
 
 def test_finetuning_prompts_are_the_extracted_prompts_with_special_tokens(tiny_adapter, quirky):
