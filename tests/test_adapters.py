@@ -378,3 +378,27 @@ def test_final_norm_is_the_last_norm_after_the_blocks_else_a_clear_error():
     two = _flat_model(("a", blocks()), ("b", blocks()))
     with pytest.raises(RuntimeError, match="2 lists of 2 modules.*a, b"):
         decoder_and_blocks(two)
+
+
+@torch.no_grad()
+def test_alibi_models_continue_rows_as_a_full_recompute():
+    """Packing copies of a continuation into one sequence relies on position_ids; an ALiBi model (BLOOM
+    here, built from a config) takes distances from its mask instead, so the adapter must not pack it:
+    every copy's next-token logits equal a full forward pass of prefix + continuation."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from workflow_scripts.adapters import TransformerAdapter
+    from workflow_scripts.model_sources import LoadedModel
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).eval()
+    adapter = TransformerAdapter(LoadedModel(model=model, tokenizer=None, info={"name": "bloom-tiny"}))
+    prefix, continuation = torch.randint(0, 64, (1, 7)), torch.randint(0, 64, (1, 3))
+    state = model(input_ids=prefix, use_cache=True).past_key_values
+    logits = adapter.continue_rows(state, continuation, 3)
+    expected = model(input_ids=torch.cat([prefix, continuation], 1)).logits[0, -1]
+    assert logits.shape == (3, 64)
+    torch.testing.assert_close(logits, expected.expand(3, -1), rtol=1e-4, atol=1e-5)
+    # the prefix state is left as it was: continuing again gives the same logits
+    again = adapter.continue_rows(state, continuation, 2)
+    torch.testing.assert_close(again, expected.expand(2, -1), rtol=1e-4, atol=1e-5)

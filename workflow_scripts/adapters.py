@@ -510,6 +510,15 @@ class ModelAdapter:
         return state
 
 
+def _alibi(model) -> bool:
+    """Whether the model's attention takes positions from its mask (ALiBi: BLOOM, MPT, BTLM, Falcon with
+    alibi): packed copies would see distances counted across the other copies, so they are not packed."""
+    config = model.config
+    return bool(getattr(config, "alibi", False)) or getattr(config, "position_embedding_type", None) == "alibi" or (
+        config.model_type in ("bloom", "mpt")
+    )
+
+
 class TransformerAdapter(ModelAdapter):
     """Attention models (transformers' causal LMs): the state is the key/value cache. Any causal LM
     whose blocks and final norm the base class finds can be read and steered in its residual stream
@@ -544,7 +553,7 @@ class TransformerAdapter(ModelAdapter):
         # the prefix and to its own tokens only (a 4D mask); the logits only at each copy's last token.
         n = input_ids.shape[1]
         packable = type(state) is DynamicCache and all(type(layer) is DynamicLayer for layer in state.layers)
-        if not packable or self.model.config._attn_implementation not in ("sdpa", "eager"):
+        if not packable or self.model.config._attn_implementation not in ("sdpa", "eager") or _alibi(self.model):
             return super().continue_rows(state, input_ids, rows)
         prefix = state.get_seq_length()
         copy_of = torch.arange(rows * n, device=self.device) // n
