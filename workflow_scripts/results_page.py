@@ -124,8 +124,7 @@ def quirky_lines(base: str, dataset: str, accuracy: pd.DataFrame, probes: pd.Dat
             f"  - **warning**: the claim alone predicts the truth on {len(leaks)} test subset(s) above AUROC "
             f"{max_shortcut_auroc:g} (worst: {worst['feature']} on {worst['character']} / "
             f"{worst['difficulty_bucket']}{_subset_note(worst)}, {_fmt(worst['auroc'], 2)}), so the probe AUROCs "
-            "there may come from "
-            "that shortcut."
+            "there may come from that shortcut."
         )
     elif len(shortcuts):
         lines.append(
