@@ -539,12 +539,12 @@ def export_tuned_lens_package(lens: TunedLens, directory: str | Path, base_model
     its TunedLensConfig and `params.pt`, a torch.save of its `layer_translators` state dict
     ("{j}.weight" (d, d), "{j}.bias" (d,) for j = 0..n_layers-1). Its translator j reads its
     hidden_states[j], which for transformers is j = 0 the embeddings (our INPUT_LAYER), j = k + 1 the
-    output of block k; that is our translators' order, so the keys carry over as they are. For Mamba
-    and RWKV the files have the same layout (translator 0 = our embeddings translator), but the
-    Hugging Face ports' hidden_states start at block 0's output, and the package (0.2.0) refuses these
-    models anyway; RWKV-4 translators are in training-mode units (see the RWKV adapter). The unembedding
-    is not saved: the package takes it from the model. unembed_hash is left empty (it is only compared
-    when present)."""
+    output of block k; that is our translators' order, so the keys carry over as they are. The recurrent
+    families' files have the same layout (translator 0 = our embeddings translator), but their Hugging
+    Face ports' hidden_states start at block 0's output, and the package (0.2.0) refuses those models
+    anyway; translators are in the units the adapter reads (training-mode units where a port rescales
+    in eval mode). The unembedding is not saved: the package takes it from the model. unembed_hash is
+    left empty (it is only compared when present)."""
     if not lens.include_input or lens.layers != [INPUT_LAYER, *range(lens.adapter.n_layers - 1)]:
         raise ValueError(f"the tuned-lens package needs translators for the embeddings and blocks 0..n-2, "
                          f"this lens has layers {lens.layers}")
