@@ -380,6 +380,26 @@ def test_final_norm_is_the_last_norm_after_the_blocks_else_a_clear_error():
         decoder_and_blocks(two)
 
 
+def test_only_alibi_configs_are_kept_out_of_packing():
+    """Which configs say ALiBi: BLOOM and MPT always, Falcon when `alibi`, BTLM-style configs by
+    `position_embedding_type`; rotary and learned-position models keep the packed sweep."""
+    from types import SimpleNamespace
+
+    from transformers import BloomConfig, FalconConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MptConfig
+
+    from workflow_scripts.adapters import _alibi
+
+    def model(config):
+        return SimpleNamespace(config=config)
+
+    for config in (LlamaConfig(), GPT2Config(), GPTNeoXConfig(), FalconConfig()):
+        assert not _alibi(model(config)), type(config).__name__
+    btlm_like = GPT2Config()
+    btlm_like.position_embedding_type = "alibi"
+    for config in (BloomConfig(), MptConfig(), FalconConfig(alibi=True), btlm_like):
+        assert _alibi(model(config)), type(config).__name__
+
+
 @torch.no_grad()
 def test_alibi_models_continue_rows_as_a_full_recompute():
     """Packing copies of a continuation into one sequence relies on position_ids; an ALiBi model (BLOOM

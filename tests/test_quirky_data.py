@@ -123,9 +123,11 @@ def test_distractor_fraction():
 def shortcut_auroc_by_hand(frame, character, bucket, feature, subset="all"):
     """Best AUROC of one claim feature for the truth on a test subset, the rule read off the same
     subset of train: size by its better orientation, categorical features by each value's share.
-    subset "disagreement" keeps the rows with a true or Bob's claim (no distractor)."""
+    subset "disagreement" keeps the rows on which Alice's and Bob's labels differ."""
     if subset == "disagreement":
-        frame = frame[frame.claim_kind != "distractor"]
+        alice_says = frame["claimed"] == frame["true_result"]
+        bob_says = frame["claimed"] == frame["bob_result"]
+        frame = frame[alice_says != bob_says]
     fit = frame[(frame.split == "train") & (frame.character == character) & (frame.difficulty_bucket == bucket)]
     test = frame[(frame.split == "test") & (frame.character == character) & (frame.difficulty_bucket == bucket)]
 
@@ -167,7 +169,8 @@ def shortcut_auroc_by_hand(frame, character, bucket, feature, subset="all"):
 )
 def test_no_claim_feature_gives_the_truth_away(settings):
     """Acceptance of the data design: on every (character, difficulty) test subset, nothing read off the
-    claim without the arithmetic (its size, digit count, last digit) predicts the truth at AUROC > 0.75.
+    claim without the arithmetic (its size, digit count, last or leading digit), on all rows or on those
+    where Alice and Bob disagree, predicts the truth at AUROC > 0.75.
     The former design (a claim per row, distractors around each character's own answer) gave 0.96 on
     Bob-hard for the claim's size."""
     frame = generate_quirky(seed=0, **settings)
@@ -180,10 +183,15 @@ def test_no_claim_feature_gives_the_truth_away(settings):
                     assert auroc <= quirky_data.MAX_SHORTCUT_AUROC, where
 
 
-def test_shortcut_aurocs_agree_with_the_hand_computation_and_flag_a_leaky_design():
+@pytest.mark.parametrize("operation", ["addition", "subtraction"])
+def test_shortcut_aurocs_agree_with_the_hand_computation_and_flag_a_leaky_design(operation):
     """Operands 1-99 with 4000 problems exhaust the problem space: the hard bucket's sums sit in a band
-    and Bob's result is always 100 above it, so the claim's size leaks; the check must see it."""
-    leaky = generate_quirky("addition", 4000, seed=0, operand_range=(1, 99))
+    and Bob's result is always 100 above it, so the claim's size leaks; the check must see it.
+    Subtraction with operands as drawn brings negative claims and zero (signed leading digit)."""
+    extra = {"subtraction_operands": "as_drawn"} if operation == "subtraction" else {}
+    leaky = generate_quirky(operation, 4000, seed=0, operand_range=(1, 99), **extra)
+    if operation == "subtraction":
+        assert (leaky["claimed"] < 0).any() and (leaky["claimed"] == 0).any()
     table = quirky_data.shortcut_aurocs(leaky)
     assert len(table) == 2 * 3 * 4 * 2  # characters x buckets x features x subsets
     short_names = {"claim_size": "size", "claim_digits": "digits", "claim_last_digit": "last",
@@ -192,8 +200,9 @@ def test_shortcut_aurocs_agree_with_the_hand_computation_and_flag_a_leaky_design
         short = short_names[row.feature]
         by_hand = shortcut_auroc_by_hand(leaky, row.character, row.difficulty_bucket, short, row.subset)
         assert row.auroc == pytest.approx(by_hand)
-    hard_size = table[(table.difficulty_bucket == "hard") & (table.feature == "claim_size")]["auroc"]
-    assert (hard_size > quirky_data.MAX_SHORTCUT_AUROC).all()
+    if operation == "addition":
+        hard_size = table[(table.difficulty_bucket == "hard") & (table.feature == "claim_size")]["auroc"]
+        assert (hard_size > quirky_data.MAX_SHORTCUT_AUROC).all()
 
 
 def test_splits_are_disjoint_by_problem_and_sized_by_fraction(frame):

@@ -59,6 +59,20 @@ def test_quirky_sentences_use_the_selected_layer_and_warn_of_shortcuts():
     assert "warning" not in clean and "at most 0.60" in clean
 
 
+def test_shortcut_warning_counts_subsets_and_names_the_disagreement_rows():
+    """Two features leaking on one (character, bucket, subset) cell are one subset; the worst is named
+    with its rows."""
+    accuracy, probes, anomaly, _ = quirky_tables(0.6)
+    shortcuts = pd.DataFrame(
+        [{"character": "Bob", "difficulty_bucket": "hard", "subset": "disagreement", "feature": feature,
+          "auroc": auroc} for feature, auroc in (("claim_size", 0.8), ("claim_leading_digit", 0.9))]
+        + [{"character": "Bob", "difficulty_bucket": "hard", "subset": "all", "feature": "claim_size", "auroc": 0.7}]
+    )  # fmt: skip
+    text = "\n".join(quirky_lines("base", "addition", accuracy, probes, anomaly, shortcuts, max_shortcut_auroc=0.75))
+    assert "on 1 test subset(s)" in text
+    assert "claim_leading_digit on Bob / hard, rows where Alice and Bob disagree, 0.90" in text
+
+
 def test_text_steering_verdict_compares_with_twice_the_random_effect():
     summary = pd.DataFrame(
         [{"model": "m", "mode": "residual", "positions": "all", "best_layer": 2, "effect": 1.0,

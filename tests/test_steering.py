@@ -240,12 +240,13 @@ def test_lda_vector_whitens_the_mean_difference():
 
 
 def test_lda_drops_directions_below_the_reference_float32_cutoff():
-    # Variances 1, 1, 1, 1e-4 (kept: above 5 * 1.19e-7) and 1e-12 (dropped, as the reference's float32
-    # pinv drops it) along a random orthonormal basis; the mean difference has a part along each.
+    # Relative variances 1, 1, 1e-4 (kept: above 5 * 1.19e-7), 3e-7 (dropped: below D * eps, above eps
+    # alone) and 1e-12 along a random orthonormal basis, all scaled by 1e6 so that a relative cutoff
+    # differs from an absolute one; the mean difference has a part along each.
     rng = np.random.default_rng(3)
-    n, width = 200, 5
+    n, width = 400, 5
     basis, _ = np.linalg.qr(rng.normal(size=(width, width)))
-    scales = np.array([1.0, 1.0, 1.0, 1e-2, 1e-6])
+    scales = 1e3 * np.array([1.0, 1.0, 1e-2, 3e-7**0.5, 1e-6])
     shift = basis @ (0.5 * scales)
     positive = (rng.normal(size=(n, width)) * scales) @ basis.T + shift
     negative = (rng.normal(size=(n, width)) * scales) @ basis.T
@@ -254,7 +255,7 @@ def test_lda_drops_directions_below_the_reference_float32_cutoff():
     u = positive.mean(0) - negative.mean(0)
     values, vectors = np.linalg.eigh(np.cov(np.concatenate([positive, negative]), rowvar=False))
     kept = values > width * np.finfo(np.float32).eps * values.max()
-    assert kept.sum() == 4
+    assert kept.sum() == 3 and (values > np.finfo(np.float32).eps * values.max()).sum() == 4
     expected = vectors[:, kept] @ ((vectors[:, kept].T @ u) / values[kept])
     np.testing.assert_allclose(lda, expected, rtol=1e-4)
     # float64's own cutoff would invert the near-null direction and change the vector beyond recognition

@@ -120,8 +120,9 @@ def quirky_lines(base: str, dataset: str, accuracy: pd.DataFrame, probes: pd.Dat
     leaks = shortcuts[shortcuts["auroc"] > max_shortcut_auroc]
     if len(leaks):
         worst = leaks.sort_values("auroc", ascending=False).iloc[0]
+        cells = leaks.drop_duplicates([c for c in ("character", "difficulty_bucket", "subset") if c in leaks])
         lines.append(
-            f"  - **warning**: the claim alone predicts the truth on {len(leaks)} test subset(s) above AUROC "
+            f"  - **warning**: the claim alone predicts the truth on {len(cells)} test subset(s) above AUROC "
             f"{max_shortcut_auroc:g} (worst: {worst['feature']} on {worst['character']} / "
             f"{worst['difficulty_bucket']}{_subset_note(worst)}, {_fmt(worst['auroc'], 2)}), so the probe AUROCs "
             "there may come from that shortcut."
