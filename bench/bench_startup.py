@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def run(command: list[str], cwd: Path) -> tuple[float, float, str]:
+def run(command: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """(wall s, CPU s of the child, stdout); exits with the command's error if it fails."""
-    env = {**os.environ, "PYTHONPATH": str(cwd / "workflow_scripts")}
+    env = {**os.environ, "PYTHONPATH": str(cwd / "workflow_scripts"), **(extra_env or {})}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
@@ -142,12 +142,11 @@ def plugin_cost(rounds: int) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for _ in range(rounds):
             for arm, hidden in arms.items():
-                os.environ["HIDE_PLUGINS"] = hidden
-                seconds, cpu_seconds, out = run([sys.executable, "-c", LAUNCHER, "--version"], Path(scratch))
+                command = [sys.executable, "-c", LAUNCHER, "--version"]
+                seconds, cpu_seconds, out = run(command, Path(scratch), {"HIDE_PLUGINS": hidden})
                 assert out.strip(), "snakemake --version printed nothing"
                 wall[arm].append(seconds)
                 cpu[arm].append(cpu_seconds)
-    os.environ.pop("HIDE_PLUGINS")
     summary = {"benchmark": "startup_plugin_cost", "rounds": rounds}
     for arm in arms:
         summary[f"version_wall_s_{arm}"] = round(statistics.median(wall[arm]), 3)
